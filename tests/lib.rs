@@ -1,0 +1,1 @@
+//! Placeholder for the workspace-level integration test crate.
