@@ -14,3 +14,11 @@ pub mod wire;
 
 pub use memory::{GuestMemory, MemoryError};
 pub use vm::{RunState, VcpuState, Vm, VmConfig, VmError, VmStatus};
+pub mod migration;
+pub mod snapshot;
+
+pub use migration::{
+    IncomingOptions, IncomingReport, MigrateOptions, MigrationError, MigrationReport, migrate_in,
+    migrate_out, migrate_over,
+};
+pub use snapshot::{SnapshotError, read_snapshot, restore_snapshot, write_snapshot};
