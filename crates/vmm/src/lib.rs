@@ -7,6 +7,7 @@
 //! * [`agent`]: the host agent (command protocol, Tardigrade phases 1-3).
 //! * [`bench`]: measurement helpers used by the `migrate` bench.
 
+pub mod agent;
 pub mod guest;
 pub mod memory;
 pub mod vm;
@@ -22,3 +23,4 @@ pub use migration::{
     migrate_out, migrate_over,
 };
 pub use snapshot::{SnapshotError, read_snapshot, restore_snapshot, write_snapshot};
+pub use agent::{AgentClient, AgentConfig, AgentError, HostAgentArgs, Request, Response, run_host_agent};
