@@ -171,6 +171,8 @@ pub struct Phase3Report {
     pub freeze: Duration,
     /// First pause to last pause.
     pub pause_all: Duration,
+    /// Pause of the first VM until the state file was ready (before exec).
+    pub until_exec: Duration,
     /// Pause of the first VM to the successor's first instruction of restore.
     pub until_successor: Duration,
     /// Successor: restoring all VMs (KVM VM creation, memory re-attach, state).
@@ -741,6 +743,7 @@ impl Agent {
             old_pid: std::process::id(),
             freeze_start_ns,
             paused_ns,
+            state_ready_ns: monotonic_ns(),
             listener_fd: self.listener.as_raw_fd(),
             client_fd: conn.as_raw_fd(),
             generation: self.generation.load(Ordering::SeqCst),
@@ -748,13 +751,19 @@ impl Agent {
             log: lock(&self.log).iter().cloned().collect(),
             metrics: lock(&self.metrics).clone(),
         };
-        let path = self.config.data_dir.join(format!("phase3-{}.json", std::process::id()));
-        if let Err(e) = write_state(&path, &state) {
-            return rollback(AgentError::Phase3 {
-                step: "writing the state file",
-                detail: e.to_string(),
-            });
-        }
+        // The state file lives in a memfd handed across exec: it only has to
+        // survive the exec (guest RAM does not survive a reboot either), so
+        // no disk write and no fsync sit inside the freeze.
+        let state_fd = match write_state(&state) {
+            Ok(fd) => fd,
+            Err(e) => {
+                return rollback(AgentError::Phase3 {
+                    step: "writing the state file",
+                    detail: e.to_string(),
+                });
+            }
+        };
+        let path = PathBuf::from(format!("/proc/self/fd/{}", state_fd.as_raw_fd()));
         let mut args = self
             .config
             .exec_args
@@ -767,6 +776,7 @@ impl Agent {
             .arg0(program)
             .args(&args[1..])
             .exec();
+        drop(state_fd);
         rollback(AgentError::Phase3 {
             step: "exec of the successor",
             detail: err.to_string(),
@@ -812,6 +822,7 @@ struct Phase3State {
     old_pid: u32,
     freeze_start_ns: u64,
     paused_ns: u64,
+    state_ready_ns: u64,
     listener_fd: RawFd,
     client_fd: RawFd,
     generation: u64,
@@ -829,15 +840,23 @@ fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)
 }
 
-/// The state file is `CRC32 (8 hex digits) \n JSON`.
-fn write_state(path: &Path, state: &Phase3State) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
-    }
+/// Writes the state file into a new memfd that stays open across exec. The
+/// file is `CRC32 (8 hex digits) \n JSON`.
+fn write_state(state: &Phase3State) -> io::Result<OwnedFd> {
     let body = serde_json::to_vec(state).map_err(io::Error::other)?;
     let mut bytes = format!("{:08x}\n", crc32fast::hash(&body)).into_bytes();
     bytes.extend_from_slice(&body);
-    write_synced(path, &bytes)
+    // SAFETY: a valid NUL-terminated name and no flags (no CLOEXEC: the fd
+    // must survive exec); the result is checked.
+    let raw = unsafe { libc::memfd_create(c"wb-phase3-state".as_ptr(), 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh fd owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut file = File::from(fd);
+    file.write_all(&bytes)?;
+    Ok(OwnedFd::from(file))
 }
 
 fn read_state(path: &Path) -> Result<Phase3State, AgentError> {
@@ -972,7 +991,17 @@ pub fn run_host_agent(config: AgentConfig) -> Result<(), AgentError> {
         Some(path) => {
             let t_successor = monotonic_ns();
             let state = read_state(path)?;
-            let _ = fs::remove_file(path);
+            if let Some(n) = path
+                .to_str()
+                .and_then(|p| p.strip_prefix("/proc/self/fd/"))
+                .and_then(|n| n.parse::<RawFd>().ok())
+            {
+                // SAFETY: the predecessor passed this memfd (state file) to
+                // us; it is read and no longer needed, so close it once.
+                drop(unsafe { OwnedFd::from_raw_fd(n) });
+            } else {
+                let _ = fs::remove_file(path);
+            }
             // SAFETY: the predecessor recorded this fd as its listening socket
             // and cleared FD_CLOEXEC on it; nothing else in this new process
             // owns it.
@@ -1090,6 +1119,7 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         vms: records,
         freeze: Duration::from_nanos(end.saturating_sub(state.freeze_start_ns)),
         pause_all: Duration::from_nanos(state.paused_ns.saturating_sub(state.freeze_start_ns)),
+        until_exec: Duration::from_nanos(state.state_ready_ns.saturating_sub(state.freeze_start_ns)),
         until_successor: Duration::from_nanos(t_successor.saturating_sub(state.freeze_start_ns)),
         restore_all,
     };

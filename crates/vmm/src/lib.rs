@@ -8,6 +8,7 @@
 //! * [`bench`]: measurement helpers used by the `migrate` bench.
 
 pub mod agent;
+pub mod bench;
 pub mod guest;
 pub mod memory;
 pub mod vm;

@@ -49,6 +49,8 @@ pub mod kind {
     pub const COMMIT: u16 = 7;
     pub const STARTED: u16 = 8;
     pub const ABORT: u16 = 9;
+    /// Target has applied everything up to a ROUND_END.
+    pub const ROUND_ACK: u16 = 10;
 }
 
 /// Small-trait view of what migration needs from a VM (in the style of Cloud
@@ -151,6 +153,27 @@ pub struct MigrationReport {
     pub checksum: Option<u32>,
     /// Guest counter at the pause.
     pub counter_at_pause: u32,
+    /// Where the time went.
+    pub breakdown: Breakdown,
+}
+
+/// Time spent in each step of an outgoing migration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Breakdown {
+    /// HELLO until HELLO_ACK (target allocates memory, creates the VM).
+    pub handshake: Duration,
+    /// First full pass over memory.
+    pub round0: Duration,
+    /// Later pre-copy rounds.
+    pub later_rounds: Duration,
+    /// Pause request until the vCPU thread parked.
+    pub pause: Duration,
+    /// Final dirty log + pages + vCPU state written.
+    pub final_copy: Duration,
+    /// STATE sent until PREPARED received (target loads state, checks CRC).
+    pub prepare: Duration,
+    /// COMMIT sent until STARTED received.
+    pub commit: Duration,
 }
 
 /// What an incoming migration measured.
@@ -295,6 +318,7 @@ pub fn migrate_over<M: Migratable>(
         .and_then(|()| w.flush().map_err(FrameError::from))
         .map_err(frame_err("sending HELLO"))?;
     let ack: Ack = read_json(&mut r, kind::HELLO_ACK).map_err(frame_err("reading HELLO_ACK"))?;
+    let handshake = start.elapsed();
     if !ack.ok {
         return Err(MigrationError::TargetRejected(
             ack.error.unwrap_or_default(),
@@ -302,7 +326,10 @@ pub fn migrate_over<M: Migratable>(
     }
 
     vm.start_dirty_log().map_err(vm_err("starting the dirty log"))?;
-    let result = precopy_and_commit(vm, mem, &mut r, &mut w, opts, start);
+    let result = precopy_and_commit(vm, mem, &mut r, &mut w, opts, start).map(|mut rep| {
+        rep.breakdown.handshake = handshake;
+        rep
+    });
     if let Err(e) = &result {
         if !matches!(e, MigrationError::CommitUncertain(_)) {
             // Nothing was committed: the target never ran the guest.
@@ -337,10 +364,16 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
 
     // Round 0: everything.
     let all = full_bitmap(npages);
+    let mut scratch = Vec::with_capacity(opts.chunk_pages as usize * PAGE_SIZE as usize);
     let t = Instant::now();
-    pages_sent += send_pages(w, mem, &all, opts.chunk_pages)?;
-    end_round(w, 0, npages)?;
+    pages_sent += send_pages(w, mem, &all, opts.chunk_pages, Source::Running(&mut scratch))?;
+    end_round(r, w, 0, npages)?;
+    let mut breakdown = Breakdown {
+        round0: t.elapsed(),
+        ..Breakdown::default()
+    };
     let mut bandwidth = npages as f64 * PAGE_SIZE as f64 / t.elapsed().as_secs_f64().max(1e-6);
+    let t_later = Instant::now();
     let mut rounds = 1;
     let mut converged = false;
 
@@ -359,8 +392,8 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
             break;
         }
         let t = Instant::now();
-        let sent = send_pages(w, mem, &bitmap, opts.chunk_pages)?;
-        end_round(w, rounds, sent)?;
+        let sent = send_pages(w, mem, &bitmap, opts.chunk_pages, Source::Running(&mut scratch))?;
+        end_round(r, w, rounds, sent)?;
         let secs = t.elapsed().as_secs_f64();
         if secs > 0.0 && sent > 64 {
             bandwidth = sent as f64 * PAGE_SIZE as f64 / secs;
@@ -370,8 +403,10 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
     }
 
     // Stop-and-copy.
+    breakdown.later_rounds = t_later.elapsed();
     let paused_at = Instant::now();
     vm.pause().map_err(vm_err("pausing the source"))?;
+    breakdown.pause = paused_at.elapsed();
     let last = vm.dirty_log().map_err(vm_err("reading the final dirty log"))?;
     for (p, l) in pending.iter_mut().zip(&last) {
         *p |= l;
@@ -380,7 +415,7 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
     // dirty log does not see: always resend it.
     let cfg_page = (guest::CFG_GPA / PAGE_SIZE) as usize;
     pending[cfg_page / 64] |= 1 << (cfg_page % 64);
-    let final_pages = send_pages(w, mem, &pending, opts.chunk_pages)?;
+    let final_pages = send_pages(w, mem, &pending, opts.chunk_pages, Source::Paused)?;
     pages_sent += final_pages;
     let vcpu = vm.vcpu_state().map_err(vm_err("saving the vCPU state"))?;
     let checksum = opts.verify_checksum.then(|| mem.checksum());
@@ -397,7 +432,10 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
         )
         .and_then(|()| w.flush().map_err(FrameError::from))
         .map_err(frame_err("sending the vCPU state"))?;
+    breakdown.final_copy = paused_at.elapsed() - breakdown.pause;
+    let t = Instant::now();
     let prepared: Ack = read_json(r, kind::PREPARED).map_err(frame_err("reading PREPARED"))?;
+    breakdown.prepare = t.elapsed();
     if !prepared.ok {
         return Err(MigrationError::TargetRejected(
             prepared.error.unwrap_or_default(),
@@ -406,12 +444,14 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
 
     // Point of no return: fence first, then commit.
     vm.fence();
+    let t = Instant::now();
     PROTOCOL
         .write_frame(w, kind::COMMIT, &[])
         .and_then(|()| w.flush().map_err(FrameError::from))
         .map_err(|e| MigrationError::CommitUncertain(format!("sending COMMIT: {e}")))?;
     let _: Ack = read_json(r, kind::STARTED)
         .map_err(|e| MigrationError::CommitUncertain(format!("reading STARTED: {e}")))?;
+    breakdown.commit = t.elapsed();
     let downtime = paused_at.elapsed();
     Ok(MigrationReport {
         mem_bytes: mem.size(),
@@ -424,6 +464,7 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
         converged,
         checksum,
         counter_at_pause,
+        breakdown,
     })
 }
 
@@ -470,11 +511,22 @@ pub fn dirty_runs(bitmap: &[u64], max: u32) -> Vec<(u64, u64)> {
     runs
 }
 
+/// How pages are read while sending.
+enum Source<'a> {
+    /// The guest runs: copy each run into `scratch` first, so the CRC covers
+    /// exactly the bytes sent (the guest may rewrite a page mid-send; the
+    /// dirty log makes it go again later).
+    Running(&'a mut Vec<u8>),
+    /// The guest is paused: send straight from guest memory.
+    Paused,
+}
+
 fn send_pages<W: Write>(
     w: &mut W,
     mem: &GuestMemory,
     bitmap: &[u64],
     chunk_pages: u32,
+    mut source: Source<'_>,
 ) -> Result<u64, MigrationError> {
     let mut sent = 0;
     for (first, count) in dirty_runs(bitmap, chunk_pages.max(1)) {
@@ -483,22 +535,31 @@ fn send_pages<W: Write>(
         if !mem.in_range(gpa, len) {
             continue;
         }
+        let data: &[u8] = match &mut source {
+            Source::Running(scratch) => {
+                scratch.clear();
+                scratch.extend_from_slice(mem.slice(gpa, len as usize));
+                scratch
+            }
+            Source::Paused => mem.slice(gpa, len as usize),
+        };
         PROTOCOL
-            .write_frame(
-                w,
-                kind::PAGES,
-                &[&gpa.to_le_bytes(), mem.slice(gpa, len as usize)],
-            )
+            .write_frame(w, kind::PAGES, &[&gpa.to_le_bytes(), data])
             .map_err(frame_err("sending pages"))?;
         sent += count;
     }
     Ok(sent)
 }
 
-fn end_round<W: Write>(w: &mut W, round: u32, pages: u64) -> Result<(), MigrationError> {
+/// Ends a pre-copy round and waits until the target has applied it, so no
+/// backlog sits in socket buffers when the guest is paused.
+fn end_round<R: Read, W: Write>(r: &mut R, w: &mut W, round: u32, pages: u64) -> Result<(), MigrationError> {
     PROTOCOL
         .write_json(w, kind::ROUND_END, &RoundEnd { round, pages })
-        .map_err(frame_err("ending a round"))
+        .and_then(|()| w.flush().map_err(FrameError::from))
+        .map_err(frame_err("ending a round"))?;
+    let _: RoundEnd = read_json(r, kind::ROUND_ACK).map_err(frame_err("reading ROUND_ACK"))?;
+    Ok(())
 }
 
 fn read_json<R: Read, T: serde::de::DeserializeOwned>(r: &mut R, want: u16) -> Result<T, FrameError> {
@@ -621,6 +682,12 @@ pub fn migrate_in(
                     source: e.into(),
                 })?;
                 wire::verify_crc(header.crc, &[&payload]).map_err(frame_err("verifying ROUND_END"))?;
+                let round: RoundEnd =
+                    wire::decode_json(&payload).map_err(frame_err("decoding ROUND_END"))?;
+                PROTOCOL
+                    .write_json(&mut w, kind::ROUND_ACK, &round)
+                    .and_then(|()| w.flush().map_err(FrameError::from))
+                    .map_err(frame_err("sending ROUND_ACK"))?;
             }
             kind::ABORT => {
                 let mut payload = vec![0u8; header.len as usize];

@@ -110,7 +110,12 @@ fn source_resumes_when_target_drops_before_commit() {
             .write_frame(&mut s, kind::HELLO_ACK, &[br#"{"ok":true,"error":null}"#])
             .unwrap();
         loop {
-            let (k, _) = PROTOCOL.read_frame(&mut s).unwrap();
+            let (k, payload) = PROTOCOL.read_frame(&mut s).unwrap();
+            if k == kind::ROUND_END {
+                PROTOCOL
+                    .write_frame(&mut s, kind::ROUND_ACK, &[&payload])
+                    .unwrap();
+            }
             if k == kind::STATE {
                 break;
             }
