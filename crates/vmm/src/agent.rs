@@ -673,11 +673,18 @@ impl Agent {
 
     /// Phase 3, old-process half. Returns only on failure, after resuming.
     fn phase3(self: &Arc<Self>, conn: &TcpStream, verify: bool) -> AgentError {
-        let freeze_start_ns = monotonic_ns();
         let vms: Vec<(String, Arc<Vm>)> = lock(&self.vms)
             .iter()
             .map(|(n, v)| (n.clone(), Arc::clone(v)))
             .collect();
+        // Preparation while the guests still run: shrink what exec must tear
+        // down (see `GuestMemory::drop_host_mappings`).
+        for (name, vm) in &vms {
+            if let Err(e) = vm.memory().drop_host_mappings() {
+                tracing::warn!(vm = %name, error = %e, "could not drop host mappings");
+            }
+        }
+        let freeze_start_ns = monotonic_ns();
         let was_running: Vec<bool> = vms
             .iter()
             .map(|(_, vm)| vm.status().state == RunState::Running)
@@ -685,6 +692,7 @@ impl Agent {
         let rollback = |err: AgentError| {
             for ((_, vm), running) in vms.iter().zip(&was_running) {
                 let _ = vm.memory().set_inherit_on_exec(false);
+                let _ = vm.kvm_fds_inherit_on_exec(false);
                 if *running {
                     let _ = vm.resume();
                 }
@@ -719,6 +727,15 @@ impl Agent {
                     detail: e.to_string(),
                 });
             }
+            let old_kvm_fds = match vm.kvm_fds_inherit_on_exec(true) {
+                Ok(fds) => fds,
+                Err(e) => {
+                    return rollback(AgentError::Phase3 {
+                        step: "deferring KVM teardown past exec",
+                        detail: e.to_string(),
+                    });
+                }
+            };
             saved.push(SavedVm {
                 name: name.clone(),
                 config: vm.config(),
@@ -727,6 +744,7 @@ impl Agent {
                 running: *running,
                 counter: vm.status().counter,
                 checksum: verify.then(|| vm.memory().checksum()),
+                old_kvm_fds,
             });
         }
         for fd in [self.listener.as_raw_fd(), conn.as_raw_fd()] {
@@ -813,6 +831,8 @@ struct SavedVm {
     running: bool,
     counter: u32,
     checksum: Option<u32>,
+    /// The predecessor's KVM VM/vCPU fds, closed by the successor after resume.
+    old_kvm_fds: Vec<RawFd>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -1065,6 +1085,16 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
     }
     agent.generation.store(state.generation + 1, Ordering::SeqCst);
 
+    // Take ownership of the predecessor's KVM fds now (so nothing else can
+    // reuse the numbers) but close them only after the guests run again.
+    let old_kvm_fds: Vec<OwnedFd> = state
+        .vms
+        .iter()
+        .flat_map(|v| v.old_kvm_fds.iter().copied())
+        // SAFETY: the predecessor cleared FD_CLOEXEC on these fds and recorded
+        // them; this process owns them from here on and closes each once.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
     let t_restore = Instant::now();
     let mut restored: Vec<(SavedVm, Result<Vm, String>, Option<u32>)> = Vec::new();
     for saved in state.vms {
@@ -1137,6 +1167,9 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         }
     };
     let _ = respond(&client, &resp);
+    let _ = std::thread::Builder::new()
+        .name("agent-kvm-teardown".into())
+        .spawn(move || drop(old_kvm_fds));
     // Keep serving the requester's connection.
     let agent = Arc::clone(agent);
     let _ = std::thread::Builder::new()

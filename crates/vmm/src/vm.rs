@@ -554,6 +554,22 @@ impl Vm {
         Ok(())
     }
 
+    /// Keeps (or stops keeping) this VM's KVM fds (VM and vCPU) open across
+    /// `exec`. Phase 3 uses it to move the kernel-side VM teardown (memslot
+    /// and MMU freeing, SRCU grace periods) out of the freeze window: the
+    /// successor closes the old fds after it has resumed the guests. The
+    /// fds are useless to the successor otherwise (KVM binds a VM to the mm
+    /// that created it).
+    pub fn kvm_fds_inherit_on_exec(&self, inherit: bool) -> std::io::Result<Vec<std::os::fd::RawFd>> {
+        use std::os::fd::AsRawFd;
+        let vcpu = self.shared.vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        let fds = vec![self.vm_fd.as_raw_fd(), vcpu.as_raw_fd()];
+        for &fd in &fds {
+            crate::memory::set_cloexec(fd, !inherit)?;
+        }
+        Ok(fds)
+    }
+
     /// Turns on KVM's dirty-page log for guest RAM and clears it, so the next
     /// [`Vm::dirty_bitmap`] reports pages written from now on.
     pub fn start_dirty_log(&self) -> Result<(), VmError> {
