@@ -38,9 +38,15 @@ fn main() {
         .map(|_| bench_loopback_tcp(if quick { 256 << 20 } else { 4 << 30 }).expect("loopback"))
         .collect();
     let tcp = median(tcp);
-    println!("loopback TCP (1 MiB writes, median of {}): {:.0} MB/s\n", reps.max(3), tcp / 1e6);
+    println!(
+        "loopback TCP (1 MiB writes, median of {}): {:.0} MB/s\n",
+        reps.max(3),
+        tcp / 1e6
+    );
 
-    println!("| guest | dirty rate | total ms | downtime ms | sent MiB | rounds | final pages | eff. MB/s | eff./TCP |");
+    println!(
+        "| guest | dirty rate | total ms | downtime ms | sent MiB | rounds | final pages | eff. MB/s | eff./TCP |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|");
     for &mib in &sizes {
         for &rate in &rates {
@@ -66,7 +72,10 @@ fn main() {
                 bw / 1e6,
                 bw / tcp,
             );
-            eprintln!("    breakdown of the median-downtime run: {:?}", r.breakdown);
+            eprintln!(
+                "    breakdown of the median-downtime run: {:?}",
+                r.breakdown
+            );
         }
     }
 

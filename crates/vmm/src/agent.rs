@@ -194,15 +194,37 @@ pub struct Phase3Vm {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Ok,
-    Pong { pid: u32, generation: u64 },
-    Vms { vms: Vec<VmInfo> },
-    Vm { vm: VmInfo },
-    Checksum { name: String, crc: u32, counter: u32 },
-    Migrated { report: MigrationReport },
-    ServicesRestarted { generation: u64, took: Duration },
-    Diagnostics { files: Vec<PathBuf> },
-    Phase3 { report: Phase3Report },
-    Error { message: String },
+    Pong {
+        pid: u32,
+        generation: u64,
+    },
+    Vms {
+        vms: Vec<VmInfo>,
+    },
+    Vm {
+        vm: VmInfo,
+    },
+    Checksum {
+        name: String,
+        crc: u32,
+        counter: u32,
+    },
+    Migrated {
+        report: MigrationReport,
+    },
+    ServicesRestarted {
+        generation: u64,
+        took: Duration,
+    },
+    Diagnostics {
+        files: Vec<PathBuf>,
+    },
+    Phase3 {
+        report: Phase3Report,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Agent errors; variants name the failing step.
@@ -274,7 +296,9 @@ impl AgentClient {
     /// Connects to an agent.
     pub fn connect(addr: impl std::net::ToSocketAddrs) -> Result<Self, AgentError> {
         let stream = TcpStream::connect(addr).map_err(io_step("connecting to the agent"))?;
-        stream.set_nodelay(true).map_err(io_step("setting TCP_NODELAY"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(io_step("setting TCP_NODELAY"))?;
         Ok(Self { stream })
     }
 
@@ -294,12 +318,13 @@ impl AgentClient {
                 step: "sending a request",
                 source,
             })?;
-        let (kind, payload) = PROTOCOL
-            .read_frame(&mut self.stream)
-            .map_err(|source| AgentError::Frame {
-                step: "reading a response",
-                source,
-            })?;
+        let (kind, payload) =
+            PROTOCOL
+                .read_frame(&mut self.stream)
+                .map_err(|source| AgentError::Frame {
+                    step: "reading a response",
+                    source,
+                })?;
         if kind != KIND_RESPONSE {
             return Err(AgentError::Frame {
                 step: "reading a response",
@@ -561,7 +586,8 @@ impl Agent {
             Request::MigrateOut { name, to, options } => {
                 let _big = lock(&self.big_op);
                 let vm = self.vm(&name)?;
-                let mut stream = TcpStream::connect(&to).map_err(io_step("connecting to the target agent"))?;
+                let mut stream =
+                    TcpStream::connect(&to).map_err(io_step("connecting to the target agent"))?;
                 PROTOCOL
                     .write_json(&mut stream, KIND_REQUEST, &Request::ReceiveMigration)
                     .map_err(|source| AgentError::Frame {
@@ -590,7 +616,9 @@ impl Agent {
                 }
             }
             Request::ReceiveMigration => {
-                let stream = conn.try_clone().map_err(io_step("cloning the connection"))?;
+                let stream = conn
+                    .try_clone()
+                    .map_err(io_step("cloning the connection"))?;
                 let (vm, report) = migration::migrate_in(stream, &IncomingOptions::default())?;
                 let mut name = report.config.name.clone();
                 let mut vms = lock(&self.vms);
@@ -615,7 +643,9 @@ impl Agent {
                 self.start_services()?;
                 let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
                 lock(&self.metrics).service_restarts += 1;
-                self.event(format!("phase 1: services restarted (generation {generation})"));
+                self.event(format!(
+                    "phase 1: services restarted (generation {generation})"
+                ));
                 Ok(Response::ServicesRestarted {
                     generation,
                     took: t.elapsed(),
@@ -653,16 +683,25 @@ impl Agent {
             "mono_ns": monotonic_ns(),
         });
         let docs: [(&str, serde_json::Value); 4] = [
-            ("vms.json", serde_json::to_value(self.list()).unwrap_or_default()),
-            ("metrics.json", serde_json::to_value(metrics).unwrap_or_default()),
+            (
+                "vms.json",
+                serde_json::to_value(self.list()).unwrap_or_default(),
+            ),
+            (
+                "metrics.json",
+                serde_json::to_value(metrics).unwrap_or_default(),
+            ),
             ("log.json", serde_json::to_value(log).unwrap_or_default()),
             ("agent.json", summary),
         ];
         let mut files = Vec::new();
         for (name, value) in docs {
             let path = dir.join(name);
-            write_synced(&path, &serde_json::to_vec_pretty(&value).unwrap_or_default())
-                .map_err(io_step("writing a diagnostics file"))?;
+            write_synced(
+                &path,
+                &serde_json::to_vec_pretty(&value).unwrap_or_default(),
+            )
+            .map_err(io_step("writing a diagnostics file"))?;
             files.push(path);
         }
         File::open(dir)
@@ -787,7 +826,10 @@ impl Agent {
             .exec_args
             .clone()
             .unwrap_or_else(own_args_without_resume);
-        let program = args.first().cloned().unwrap_or_else(|| "wb-host-agent".into());
+        let program = args
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "wb-host-agent".into());
         args.push("--resume-state".into());
         args.push(path.into_os_string());
         let err = std::process::Command::new("/proc/self/exe")
@@ -956,7 +998,12 @@ fn serve_connection(agent: &Arc<Agent>, conn: TcpStream) {
             Ok((KIND_REQUEST, payload)) => match wire::decode_json(&payload) {
                 Ok(req) => req,
                 Err(e) => {
-                    let _ = respond(&conn, &Response::Error { message: e.to_string() });
+                    let _ = respond(
+                        &conn,
+                        &Response::Error {
+                            message: e.to_string(),
+                        },
+                    );
                     continue;
                 }
             },
@@ -972,7 +1019,12 @@ fn serve_connection(agent: &Arc<Agent>, conn: TcpStream) {
             Err(FrameError::Io(_)) => return,
             Err(e) => {
                 // Corrupt framing: the stream cannot be resynchronised.
-                let _ = respond(&conn, &Response::Error { message: e.to_string() });
+                let _ = respond(
+                    &conn,
+                    &Response::Error {
+                        message: e.to_string(),
+                    },
+                );
                 return;
             }
         };
@@ -1030,7 +1082,9 @@ pub fn run_host_agent(config: AgentConfig) -> Result<(), AgentError> {
             (listener, Some((state, t_successor)))
         }
     };
-    let local_addr = listener.local_addr().map_err(io_step("reading the bound address"))?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(io_step("reading the bound address"))?;
     fs::create_dir_all(&config.data_dir).map_err(io_step("creating the data directory"))?;
     let agent = Arc::new(Agent {
         vms: Mutex::new(BTreeMap::new()),
@@ -1083,7 +1137,9 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         m.memory_preserving_restarts += 1;
         *lock(&agent.metrics) = m;
     }
-    agent.generation.store(state.generation + 1, Ordering::SeqCst);
+    agent
+        .generation
+        .store(state.generation + 1, Ordering::SeqCst);
 
     // Take ownership of the predecessor's KVM fds now (so nothing else can
     // reuse the numbers) but close them only after the guests run again.
@@ -1125,7 +1181,10 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
             Ok(vm) => {
                 let crc_ok = saved.checksum.is_none() || saved.checksum == crc;
                 if !crc_ok {
-                    errors.push(format!("{}: memory checksum changed across exec", saved.name));
+                    errors.push(format!(
+                        "{}: memory checksum changed across exec",
+                        saved.name
+                    ));
                 }
                 if saved.running && crc_ok {
                     resumed = vm.resume().is_ok();
@@ -1149,7 +1208,9 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         vms: records,
         freeze: Duration::from_nanos(end.saturating_sub(state.freeze_start_ns)),
         pause_all: Duration::from_nanos(state.paused_ns.saturating_sub(state.freeze_start_ns)),
-        until_exec: Duration::from_nanos(state.state_ready_ns.saturating_sub(state.freeze_start_ns)),
+        until_exec: Duration::from_nanos(
+            state.state_ready_ns.saturating_sub(state.freeze_start_ns),
+        ),
         until_successor: Duration::from_nanos(t_successor.saturating_sub(state.freeze_start_ns)),
         restore_all,
     };

@@ -19,9 +19,11 @@ pub use vm::{RunState, VcpuState, Vm, VmConfig, VmError, VmStatus};
 pub mod migration;
 pub mod snapshot;
 
+pub use agent::{
+    AgentClient, AgentConfig, AgentError, HostAgentArgs, Request, Response, run_host_agent,
+};
 pub use migration::{
     IncomingOptions, IncomingReport, MigrateOptions, MigrationError, MigrationReport, migrate_in,
     migrate_out, migrate_over,
 };
 pub use snapshot::{SnapshotError, read_snapshot, restore_snapshot, write_snapshot};
-pub use agent::{AgentClient, AgentConfig, AgentError, HostAgentArgs, Request, Response, run_host_agent};

@@ -163,7 +163,10 @@ impl GuestMemory {
     /// the slice only to hand bytes to the kernel (socket writes) or to hash a
     /// paused guest.
     pub fn slice(&self, gpa: u64, len: usize) -> &[u8] {
-        assert!(self.in_range(gpa, len as u64), "gpa {gpa:#x}+{len} out of range");
+        assert!(
+            self.in_range(gpa, len as u64),
+            "gpa {gpa:#x}+{len} out of range"
+        );
         // SAFETY: the range lies inside the live mapping (checked above).
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(gpa as usize), len) }
     }
@@ -174,7 +177,10 @@ impl GuestMemory {
     /// restore): the caller guarantees nobody else writes it meanwhile.
     #[allow(clippy::mut_from_ref)]
     pub fn slice_mut(&self, gpa: u64, len: usize) -> &mut [u8] {
-        assert!(self.in_range(gpa, len as u64), "gpa {gpa:#x}+{len} out of range");
+        assert!(
+            self.in_range(gpa, len as u64),
+            "gpa {gpa:#x}+{len} out of range"
+        );
         // SAFETY: in range of the live mapping; exclusivity is the caller's
         // documented obligation (VM not running, single writer).
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(gpa as usize), len) }

@@ -214,9 +214,7 @@ pub enum MigrationError {
     BadPages { gpa: u64, len: u64 },
     #[error("memory checksum mismatch: source {source_crc:#010x}, target {target_crc:#010x}")]
     ChecksumMismatch { source_crc: u32, target_crc: u32 },
-    #[error(
-        "commit sent but the target's start was not confirmed ({0}); the source stays fenced"
-    )]
+    #[error("commit sent but the target's start was not confirmed ({0}); the source stays fenced")]
     CommitUncertain(String),
     #[error("the source never committed ({0}); the target VM was discarded without running")]
     NotCommitted(String),
@@ -314,7 +312,13 @@ pub fn migrate_over<M: Migratable>(
     let mem = vm.memory();
 
     PROTOCOL
-        .write_json(&mut w, kind::HELLO, &Hello { config: config.clone() })
+        .write_json(
+            &mut w,
+            kind::HELLO,
+            &Hello {
+                config: config.clone(),
+            },
+        )
         .and_then(|()| w.flush().map_err(FrameError::from))
         .map_err(frame_err("sending HELLO"))?;
     let ack: Ack = read_json(&mut r, kind::HELLO_ACK).map_err(frame_err("reading HELLO_ACK"))?;
@@ -325,7 +329,8 @@ pub fn migrate_over<M: Migratable>(
         ));
     }
 
-    vm.start_dirty_log().map_err(vm_err("starting the dirty log"))?;
+    vm.start_dirty_log()
+        .map_err(vm_err("starting the dirty log"))?;
     let result = precopy_and_commit(vm, mem, &mut r, &mut w, opts, start).map(|mut rep| {
         rep.breakdown.handshake = handshake;
         rep
@@ -366,7 +371,13 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
     let all = full_bitmap(npages);
     let mut scratch = Vec::with_capacity(opts.chunk_pages as usize * PAGE_SIZE as usize);
     let t = Instant::now();
-    pages_sent += send_pages(w, mem, &all, opts.chunk_pages, Source::Running(&mut scratch))?;
+    pages_sent += send_pages(
+        w,
+        mem,
+        &all,
+        opts.chunk_pages,
+        Source::Running(&mut scratch),
+    )?;
     end_round(r, w, 0, npages)?;
     let mut breakdown = Breakdown {
         round0: t.elapsed(),
@@ -392,7 +403,13 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
             break;
         }
         let t = Instant::now();
-        let sent = send_pages(w, mem, &bitmap, opts.chunk_pages, Source::Running(&mut scratch))?;
+        let sent = send_pages(
+            w,
+            mem,
+            &bitmap,
+            opts.chunk_pages,
+            Source::Running(&mut scratch),
+        )?;
         end_round(r, w, rounds, sent)?;
         let secs = t.elapsed().as_secs_f64();
         if secs > 0.0 && sent > 64 {
@@ -407,7 +424,9 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
     let paused_at = Instant::now();
     vm.pause().map_err(vm_err("pausing the source"))?;
     breakdown.pause = paused_at.elapsed();
-    let last = vm.dirty_log().map_err(vm_err("reading the final dirty log"))?;
+    let last = vm
+        .dirty_log()
+        .map_err(vm_err("reading the final dirty log"))?;
     for (p, l) in pending.iter_mut().zip(&last) {
         *p |= l;
     }
@@ -553,7 +572,12 @@ fn send_pages<W: Write>(
 
 /// Ends a pre-copy round and waits until the target has applied it, so no
 /// backlog sits in socket buffers when the guest is paused.
-fn end_round<R: Read, W: Write>(r: &mut R, w: &mut W, round: u32, pages: u64) -> Result<(), MigrationError> {
+fn end_round<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    round: u32,
+    pages: u64,
+) -> Result<(), MigrationError> {
     PROTOCOL
         .write_json(w, kind::ROUND_END, &RoundEnd { round, pages })
         .and_then(|()| w.flush().map_err(FrameError::from))
@@ -562,7 +586,10 @@ fn end_round<R: Read, W: Write>(r: &mut R, w: &mut W, round: u32, pages: u64) ->
     Ok(())
 }
 
-fn read_json<R: Read, T: serde::de::DeserializeOwned>(r: &mut R, want: u16) -> Result<T, FrameError> {
+fn read_json<R: Read, T: serde::de::DeserializeOwned>(
+    r: &mut R,
+    want: u16,
+) -> Result<T, FrameError> {
     let (k, payload) = PROTOCOL.read_frame(r)?;
     if k == kind::ABORT && want != kind::ABORT {
         let ack: Ack = wire::decode_json(&payload)?;
@@ -634,7 +661,14 @@ pub fn migrate_in(
         }
     };
     PROTOCOL
-        .write_json(&mut w, kind::HELLO_ACK, &Ack { ok: true, error: None })
+        .write_json(
+            &mut w,
+            kind::HELLO_ACK,
+            &Ack {
+                ok: true,
+                error: None,
+            },
+        )
         .and_then(|()| w.flush().map_err(FrameError::from))
         .map_err(frame_err("sending HELLO_ACK"))?;
 
@@ -677,11 +711,13 @@ pub fn migrate_in(
             }
             kind::ROUND_END => {
                 let mut payload = vec![0u8; header.len as usize];
-                r.read_exact(&mut payload).map_err(|e| MigrationError::Frame {
-                    step: "reading ROUND_END",
-                    source: e.into(),
-                })?;
-                wire::verify_crc(header.crc, &[&payload]).map_err(frame_err("verifying ROUND_END"))?;
+                r.read_exact(&mut payload)
+                    .map_err(|e| MigrationError::Frame {
+                        step: "reading ROUND_END",
+                        source: e.into(),
+                    })?;
+                wire::verify_crc(header.crc, &[&payload])
+                    .map_err(frame_err("verifying ROUND_END"))?;
                 let round: RoundEnd =
                     wire::decode_json(&payload).map_err(frame_err("decoding ROUND_END"))?;
                 PROTOCOL
@@ -700,16 +736,20 @@ pub fn migrate_in(
             }
             kind::STATE => {
                 let mut payload = vec![0u8; header.len as usize];
-                r.read_exact(&mut payload).map_err(|e| MigrationError::Frame {
-                    step: "reading STATE",
-                    source: e.into(),
-                })?;
+                r.read_exact(&mut payload)
+                    .map_err(|e| MigrationError::Frame {
+                        step: "reading STATE",
+                        source: e.into(),
+                    })?;
                 wire::verify_crc(header.crc, &[&payload]).map_err(frame_err("verifying STATE"))?;
                 let state: FinalState =
                     wire::decode_json(&payload).map_err(frame_err("decoding STATE"))?;
                 let prepared = prepare(&vm, &mem, &state);
                 let ack = match &prepared {
-                    Ok(()) => Ack { ok: true, error: None },
+                    Ok(()) => Ack {
+                        ok: true,
+                        error: None,
+                    },
                     Err(e) => Ack {
                         ok: false,
                         error: Some(e.to_string()),
@@ -723,12 +763,21 @@ pub fn migrate_in(
                 // Wait for the commit; anything else discards the VM unrun.
                 match PROTOCOL.read_frame(&mut r) {
                     Ok((kind::COMMIT, _)) => {}
-                    Ok((k, _)) => return Err(MigrationError::NotCommitted(format!("got frame kind {k}"))),
+                    Ok((k, _)) => {
+                        return Err(MigrationError::NotCommitted(format!("got frame kind {k}")));
+                    }
                     Err(e) => return Err(MigrationError::NotCommitted(e.to_string())),
                 }
                 vm.resume().map_err(vm_err("resuming the target"))?;
                 PROTOCOL
-                    .write_json(&mut w, kind::STARTED, &Ack { ok: true, error: None })
+                    .write_json(
+                        &mut w,
+                        kind::STARTED,
+                        &Ack {
+                            ok: true,
+                            error: None,
+                        },
+                    )
                     .and_then(|()| w.flush().map_err(FrameError::from))
                     .map_err(|e| {
                         // The guest runs here now; the source is fenced anyway.

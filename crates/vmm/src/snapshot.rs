@@ -111,7 +111,8 @@ pub fn write_snapshot(vm: &Vm, path: &Path) -> Result<u32, SnapshotError> {
     let tmp = path.with_extension("tmp");
     let file = File::create(&tmp).map_err(io_step("creating the temporary file"))?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    w.write_all(&header).map_err(io_step("writing the header"))?;
+    w.write_all(&header)
+        .map_err(io_step("writing the header"))?;
     w.write_all(&state_bytes)
         .map_err(io_step("writing the state"))?;
     let chunk = 1 << 20;
@@ -122,12 +123,10 @@ pub fn write_snapshot(vm: &Vm, path: &Path) -> Result<u32, SnapshotError> {
             .map_err(io_step("writing memory"))?;
         gpa += len as u64;
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| SnapshotError::Io {
-            step: "flushing",
-            source: e.into_error(),
-        })?;
+    let file = w.into_inner().map_err(|e| SnapshotError::Io {
+        step: "flushing",
+        source: e.into_error(),
+    })?;
     file.sync_all().map_err(io_step("fsync of the snapshot"))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io_step("renaming into place"))?;
@@ -245,7 +244,10 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         assert!(matches!(
             read_snapshot(&path),
-            Err(SnapshotError::TooLarge { section: "state", .. })
+            Err(SnapshotError::TooLarge {
+                section: "state",
+                ..
+            })
         ));
         bytes[0] = b'X';
         fs::write(&path, &bytes).unwrap();

@@ -101,7 +101,10 @@ pub enum VmError {
     #[error("installing the vCPU kick signal handler failed: {0}")]
     Signal(#[source] std::io::Error),
     #[error("vCPU did not reach {what} within {timeout:?}")]
-    Timeout { what: &'static str, timeout: Duration },
+    Timeout {
+        what: &'static str,
+        timeout: Duration,
+    },
     #[error("operation needs a paused VM, but it is {0:?}")]
     NotPaused(RunState),
     #[error("VM was migrated away or fenced; it must never run here again")]
@@ -190,7 +193,9 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -219,7 +224,11 @@ impl Vm {
     /// Creates a paused VM over existing guest memory (a memfd inherited from a
     /// previous process, a migration target's or a snapshot's) and loads
     /// `state` into its vCPU. Call [`Vm::resume`] to continue the guest.
-    pub fn restore(config: VmConfig, mem: Arc<GuestMemory>, state: &VcpuState) -> Result<Self, VmError> {
+    pub fn restore(
+        config: VmConfig,
+        mem: Arc<GuestMemory>,
+        state: &VcpuState,
+    ) -> Result<Self, VmError> {
         let vm = Self::with_memory(config, mem)?;
         vm.load_vcpu_state(state)?;
         Ok(vm)
@@ -377,11 +386,7 @@ impl Vm {
 
     /// Stops the vCPU thread for good and joins it.
     pub fn stop(&self) {
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(handle) = handle else { return };
         {
             let mut ctl = self.shared.lock();
@@ -509,8 +514,12 @@ impl Vm {
                 .region
                 .to_vec(),
             xcrs: vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?,
-            debugregs: vcpu.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
-            events: vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
             mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
             msrs: msrs.as_slice()[..n].to_vec(),
         })
@@ -520,8 +529,10 @@ impl Vm {
     pub fn load_vcpu_state(&self, state: &VcpuState) -> Result<(), VmError> {
         self.require_parked()?;
         let vcpu = self.shared.vcpu.lock().unwrap_or_else(|e| e.into_inner());
-        vcpu.set_sregs(&state.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&state.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        vcpu.set_sregs(&state.sregs)
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&state.regs)
+            .map_err(kvm_err("KVM_SET_REGS"))?;
         let mut xsave = kvm_xsave::default();
         if state.xsave.len() != xsave.region.len() {
             return Err(VmError::BadConfig(format!(
@@ -535,7 +546,8 @@ impl Vm {
         // process never asks for dynamic xfeature permission
         // (ARCH_REQ_XCOMP_GUEST_PERM), so KVM reads no more than that struct.
         unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
-        vcpu.set_xcrs(&state.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        vcpu.set_xcrs(&state.xcrs)
+            .map_err(kvm_err("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&state.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
         vcpu.set_mp_state(state.mp_state)
@@ -546,7 +558,10 @@ impl Vm {
             .map_err(|_| VmError::BadConfig("MSR list too long".into()))?;
         vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
         drop(vcpu);
-        let counter = self.shared.mem.read_u32(guest::CFG_GPA + guest::CFG_COUNTER);
+        let counter = self
+            .shared
+            .mem
+            .read_u32(guest::CFG_GPA + guest::CFG_COUNTER);
         let ready = self.shared.mem.read_u32(guest::CFG_GPA + guest::CFG_READY) != 0;
         let mut ctl = self.shared.lock();
         ctl.status.counter = counter;
@@ -560,7 +575,10 @@ impl Vm {
     /// successor closes the old fds after it has resumed the guests. The
     /// fds are useless to the successor otherwise (KVM binds a VM to the mm
     /// that created it).
-    pub fn kvm_fds_inherit_on_exec(&self, inherit: bool) -> std::io::Result<Vec<std::os::fd::RawFd>> {
+    pub fn kvm_fds_inherit_on_exec(
+        &self,
+        inherit: bool,
+    ) -> std::io::Result<Vec<std::os::fd::RawFd>> {
         use std::os::fd::AsRawFd;
         let vcpu = self.shared.vcpu.lock().unwrap_or_else(|e| e.into_inner());
         let fds = vec![self.vm_fd.as_raw_fd(), vcpu.as_raw_fd()];
@@ -604,7 +622,11 @@ impl Drop for Vm {
 fn set_memory_region(vm_fd: &VmFd, mem: &GuestMemory, log_dirty: bool) -> Result<(), VmError> {
     let region = kvm_userspace_memory_region {
         slot: 0,
-        flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+        flags: if log_dirty {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: 0,
         memory_size: mem.size(),
         userspace_addr: mem.host_addr(),
@@ -757,7 +779,9 @@ fn vcpu_loop(shared: &Shared) -> Result<(), String> {
                     match vcpu.run() {
                         Err(e) if e.errno() == libc::EINTR => {}
                         Ok(VcpuExit::Intr) => {}
-                        Ok(other) => return Err(format!("unexpected exit completing I/O: {other:?}")),
+                        Ok(other) => {
+                            return Err(format!("unexpected exit completing I/O: {other:?}"));
+                        }
                         Err(e) => return Err(format!("KVM_RUN completing I/O: {e}")),
                     }
                     clear_immediate_exit(&mut vcpu);
@@ -875,7 +899,10 @@ mod tests {
         let c1 = vm.status().counter;
         assert_eq!(vm.status().state, RunState::Paused);
         // Paused: the counter in guest memory matches the last report.
-        assert_eq!(vm.memory().read_u32(guest::CFG_GPA + guest::CFG_COUNTER), c1);
+        assert_eq!(
+            vm.memory().read_u32(guest::CFG_GPA + guest::CFG_COUNTER),
+            c1
+        );
         vm.resume().unwrap();
         vm.wait_until(Duration::from_secs(10), |s| s.counter >= c1 + 5)
             .unwrap();
@@ -914,7 +941,12 @@ mod tests {
         let c = vm.status().counter;
         vm.wait_until(Duration::from_secs(10), |s| s.counter >= c + 10)
             .unwrap();
-        let dirty: u32 = vm.dirty_bitmap().unwrap().iter().map(|w| w.count_ones()).sum();
+        let dirty: u32 = vm
+            .dirty_bitmap()
+            .unwrap()
+            .iter()
+            .map(|w| w.count_ones())
+            .sum();
         // ~10 pages per tick over >= 10 ticks, plus the config page.
         assert!(dirty >= 50, "only {dirty} dirty pages");
         vm.stop_dirty_log().unwrap();

@@ -57,7 +57,12 @@ pub struct Header {
 
 impl Protocol {
     /// Encodes a header for `payload_len` bytes with checksum `crc`.
-    pub fn header(&self, kind: u16, payload_len: usize, crc: u32) -> Result<[u8; HEADER_LEN], FrameError> {
+    pub fn header(
+        &self,
+        kind: u16,
+        payload_len: usize,
+        crc: u32,
+    ) -> Result<[u8; HEADER_LEN], FrameError> {
         if payload_len as u64 > u64::from(self.max_payload) {
             return Err(FrameError::TooLarge {
                 len: payload_len as u64,
@@ -110,7 +115,12 @@ impl Protocol {
     }
 
     /// Writes one frame whose payload is the concatenation of `parts`.
-    pub fn write_frame<W: Write>(&self, w: &mut W, kind: u16, parts: &[&[u8]]) -> Result<(), FrameError> {
+    pub fn write_frame<W: Write>(
+        &self,
+        w: &mut W,
+        kind: u16,
+        parts: &[&[u8]],
+    ) -> Result<(), FrameError> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
         let mut hasher = crc32fast::Hasher::new();
         for p in parts {
@@ -125,7 +135,12 @@ impl Protocol {
     }
 
     /// Writes a frame with a JSON payload.
-    pub fn write_json<W: Write, T: serde::Serialize>(&self, w: &mut W, kind: u16, value: &T) -> Result<(), FrameError> {
+    pub fn write_json<W: Write, T: serde::Serialize>(
+        &self,
+        w: &mut W,
+        kind: u16,
+        value: &T,
+    ) -> Result<(), FrameError> {
         let payload = serde_json::to_vec(value)?;
         self.write_frame(w, kind, &[&payload])
     }

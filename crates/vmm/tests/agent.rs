@@ -116,8 +116,9 @@ fn commands_and_phases_1_and_2() {
 
     // Pause/resume and checksum of a paused VM.
     c.call(&Request::Pause { name: "a".into() }).unwrap();
-    let Response::Checksum { crc: crc1, counter, .. } =
-        c.call(&Request::Checksum { name: "a".into() }).unwrap()
+    let Response::Checksum {
+        crc: crc1, counter, ..
+    } = c.call(&Request::Checksum { name: "a".into() }).unwrap()
     else {
         panic!()
     };
@@ -194,7 +195,10 @@ fn corrupt_and_oversized_requests_get_typed_errors() {
     let (kind, payload) = PROTOCOL.read_frame(&mut s).unwrap();
     assert_eq!(kind, KIND_RESPONSE);
     let resp: Response = serde_json::from_slice(&payload).unwrap();
-    assert!(matches!(&resp, Response::Error { message } if message.contains("checksum")), "{resp:?}");
+    assert!(
+        matches!(&resp, Response::Error { message } if message.contains("checksum")),
+        "{resp:?}"
+    );
     // The agent closes a connection whose framing it cannot trust.
     assert_eq!(s.read(&mut [0u8; 1]).unwrap(), 0);
 
@@ -206,7 +210,10 @@ fn corrupt_and_oversized_requests_get_typed_errors() {
     s.write_all(&header).unwrap();
     let (_, payload) = PROTOCOL.read_frame(&mut s).unwrap();
     let resp: Response = serde_json::from_slice(&payload).unwrap();
-    assert!(matches!(&resp, Response::Error { message } if message.contains("exceeds")), "{resp:?}");
+    assert!(
+        matches!(&resp, Response::Error { message } if message.contains("exceeds")),
+        "{resp:?}"
+    );
 
     // Still healthy.
     let Response::Pong { .. } = agent.client().call(&Request::Ping).unwrap() else {
@@ -237,7 +244,10 @@ fn migration_between_two_agents() {
     };
     assert!(report.checksum.is_some());
     assert!(report.counter_at_pause >= before.counter);
-    assert!(ca.list().unwrap().is_empty(), "source agent must drop the VM");
+    assert!(
+        ca.list().unwrap().is_empty(),
+        "source agent must drop the VM"
+    );
     let on_b = wait_vm(&mut cb, "mig", |v| v.counter > report.counter_at_pause + 10);
     assert_eq!(on_b.state, RunState::Running);
 }

@@ -29,7 +29,10 @@ fn check_guest_pattern(mem: &GuestMemory, counter: u32) {
             prefill += 1;
         } else {
             assert_eq!(w1, gpa as u32, "page {gpa:#x} lost its address word");
-            assert!(w0 >= 1 && w0 <= counter, "page {gpa:#x} holds counter {w0} > {counter}");
+            assert!(
+                w0 >= 1 && w0 <= counter,
+                "page {gpa:#x} holds counter {w0} > {counter}"
+            );
             ticked += 1;
         }
         gpa += PAGE_SIZE;
@@ -39,7 +42,8 @@ fn check_guest_pattern(mem: &GuestMemory, counter: u32) {
 
 fn migrate_at_rate(rate: u64) {
     let src = Vm::boot(VmConfig::new(format!("src-{rate}"), 32, rate)).unwrap();
-    src.wait_until(WAIT, |s| s.ready && s.counter >= 20).unwrap();
+    src.wait_until(WAIT, |s| s.ready && s.counter >= 20)
+        .unwrap();
 
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -72,8 +76,15 @@ fn migrate_at_rate(rate: u64) {
     let (src_last_at, src_last) = src.status().last_progress.unwrap();
     let (dst_first_at, dst_first) = st.first_progress.unwrap();
     assert_eq!(src_last, report.counter_at_pause);
-    assert_eq!(dst_first, src_last + 1, "counter must continue without gap or repeat");
-    assert!(dst_first_at > src_last_at, "the VM ran on both sides at once");
+    assert_eq!(
+        dst_first,
+        src_last + 1,
+        "counter must continue without gap or repeat"
+    );
+    assert!(
+        dst_first_at > src_last_at,
+        "the VM ran on both sides at once"
+    );
 
     dst.pause().unwrap();
     check_guest_pattern(dst.memory(), dst.status().counter);
@@ -124,7 +135,13 @@ fn source_resumes_when_target_drops_before_commit() {
     let err = migrate_out(&src, addr, &MigrateOptions::default()).unwrap_err();
     fake.join().unwrap();
     assert!(
-        matches!(err, MigrationError::Frame { step: "reading PREPARED", .. }),
+        matches!(
+            err,
+            MigrationError::Frame {
+                step: "reading PREPARED",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(!src.is_fenced());
@@ -146,7 +163,7 @@ fn incoming_error(bytes: Vec<u8>) -> MigrationError {
     let res = target.join().unwrap();
     // Keep the socket open until the target has finished reading.
     drop(s);
-    res.err().expect("corrupt stream accepted")
+    res.expect_err("corrupt stream accepted")
 }
 
 fn hello(mem_mib: u64) -> Vec<u8> {
@@ -200,7 +217,11 @@ fn corrupted_and_oversized_frames_are_rejected() {
     // Pages outside guest memory.
     let mut bytes = hello(16);
     PROTOCOL
-        .write_frame(&mut bytes, kind::PAGES, &[&(64u64 << 20).to_le_bytes(), &page])
+        .write_frame(
+            &mut bytes,
+            kind::PAGES,
+            &[&(64u64 << 20).to_le_bytes(), &page],
+        )
         .unwrap();
     let err = incoming_error(bytes);
     assert!(matches!(err, MigrationError::BadPages { .. }), "{err}");
@@ -210,7 +231,13 @@ fn corrupted_and_oversized_frames_are_rejected() {
     bytes[0] ^= 0x55;
     let err = incoming_error(bytes);
     assert!(
-        matches!(err, MigrationError::Frame { source: FrameError::BadMagic { .. }, .. }),
+        matches!(
+            err,
+            MigrationError::Frame {
+                source: FrameError::BadMagic { .. },
+                ..
+            }
+        ),
         "{err}"
     );
     let mut bytes = hello(16);
@@ -219,7 +246,10 @@ fn corrupted_and_oversized_frames_are_rejected() {
     assert!(
         matches!(
             err,
-            MigrationError::Frame { source: FrameError::UnsupportedVersion { .. }, .. }
+            MigrationError::Frame {
+                source: FrameError::UnsupportedVersion { .. },
+                ..
+            }
         ),
         "{err}"
     );
