@@ -740,8 +740,17 @@ impl Agent {
             let _ = set_cloexec(conn.as_raw_fd(), true);
             err
         };
+        // Kick every vCPU first, then wait: the pauses overlap.
         for (name, vm) in &vms {
-            if let Err(source) = vm.pause() {
+            if let Err(source) = vm.request_pause() {
+                return rollback(AgentError::Vm {
+                    name: name.clone(),
+                    source,
+                });
+            }
+        }
+        for (name, vm) in &vms {
+            if let Err(source) = vm.wait_paused() {
                 return rollback(AgentError::Vm {
                     name: name.clone(),
                     source,
@@ -1141,8 +1150,11 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         .generation
         .store(state.generation + 1, Ordering::SeqCst);
 
-    // Take ownership of the predecessor's KVM fds now (so nothing else can
-    // reuse the numbers) but close them only after the guests run again.
+    // Close the predecessor's KVM fds (kept open across exec so their kernel
+    // teardown is not done inside exec) before creating the new VMs.
+    // Closing them later, in the background while the restored guests ran,
+    // stalled vCPUs for seconds on the development host (nested KVM), so
+    // the teardown stays inside the freeze.
     let old_kvm_fds: Vec<OwnedFd> = state
         .vms
         .iter()
@@ -1151,9 +1163,10 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         // them; this process owns them from here on and closes each once.
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
+    drop(old_kvm_fds);
     let t_restore = Instant::now();
-    // Restore the VMs in parallel: KVM VM creation dominates and the VMs are
-    // independent.
+    // Sequential on purpose: restoring in parallel threads showed no gain on
+    // two cores.
     type Restored = (SavedVm, Result<Vm, String>, Option<u32>);
     let restore_one = |saved: SavedVm| -> Restored {
         // SAFETY: the predecessor kept this memfd open across exec for this VM
@@ -1174,14 +1187,7 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
             Err(e) => (saved, Err(e), None),
         }
     };
-    let restored: Vec<Restored> = std::thread::scope(|scope| {
-        let handles: Vec<_> = state
-            .vms
-            .into_iter()
-            .map(|saved| scope.spawn(move || restore_one(saved)))
-            .collect();
-        handles.into_iter().filter_map(|h| h.join().ok()).collect()
-    });
+    let restored: Vec<Restored> = state.vms.into_iter().map(restore_one).collect();
     let restore_all = t_restore.elapsed();
     let mut records = Vec::new();
     let mut errors = Vec::new();
@@ -1238,9 +1244,6 @@ fn resume_from_state(agent: &Arc<Agent>, state: Phase3State, t_successor: u64) {
         }
     };
     let _ = respond(&client, &resp);
-    let _ = std::thread::Builder::new()
-        .name("agent-kvm-teardown".into())
-        .spawn(move || drop(old_kvm_fds));
     // Keep serving the requester's connection.
     let agent = Arc::clone(agent);
     let _ = std::thread::Builder::new()

@@ -339,6 +339,14 @@ impl Vm {
     /// Pauses the vCPU and waits until its thread has parked with the vCPU
     /// state stable (pending port I/O completed). Idempotent.
     pub fn pause(&self) -> Result<(), VmError> {
+        self.request_pause()?;
+        self.wait_parked()
+    }
+
+    /// Asks the vCPU to pause and kicks it, without waiting. Pair with
+    /// [`Vm::wait_paused`]; lets a caller pause many VMs with overlapping
+    /// latencies.
+    pub fn request_pause(&self) -> Result<(), VmError> {
         {
             let mut ctl = self.shared.lock();
             if ctl.exited {
@@ -352,6 +360,11 @@ impl Vm {
         }
         self.shared.vcpu_cv.notify_all();
         self.kick();
+        Ok(())
+    }
+
+    /// Waits until a requested pause has taken effect.
+    pub fn wait_paused(&self) -> Result<(), VmError> {
         self.wait_parked()
     }
 
@@ -440,12 +453,20 @@ impl Vm {
                     timeout: CONTROL_TIMEOUT,
                 });
             }
-            ctl = self
+            let (guard, waited) = self
                 .shared
                 .status_cv
-                .wait_timeout(ctl, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+                .wait_timeout(ctl, (deadline - now).min(Duration::from_millis(2)))
+                .unwrap_or_else(|e| e.into_inner());
+            ctl = guard;
+            if waited.timed_out() && !ctl.parked && ctl.request == Request::Pause {
+                // Belt and braces: kick again in case a kick was absorbed
+                // somewhere we did not foresee.
+                drop(ctl);
+                self.shared.vcpu_cv.notify_all();
+                self.kick();
+                ctl = self.shared.lock();
+            }
         }
         Ok(())
     }
