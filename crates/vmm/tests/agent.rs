@@ -333,4 +333,18 @@ fn phase3_memory_preserving_restart() {
         })
         .unwrap();
     wait_vm(&mut fresh, "parked", |v| v.counter > parked_counter + 5);
+
+    // A successor can do it again (its own KVM fds and memfds move on).
+    let Response::Phase3 { report } = fresh
+        .call(&Request::MemoryPreservingRestart { verify: true })
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(report.vms.len(), 5);
+    for v in &report.vms {
+        assert_eq!(v.checksum_before, v.checksum_after, "{}", v.name);
+        assert!(v.resumed);
+        wait_vm(&mut fresh, &v.name, |i| i.counter > v.counter_before + 5);
+    }
 }
