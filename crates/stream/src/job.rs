@@ -358,7 +358,9 @@ fn restore_state<T: Transform>(shared: &Shared<T>, inner: &mut Inner<T>, parts: 
     for (k, v) in &p.consumer {
         cfg.set(k, v);
     }
-    let consumer: BaseConsumer = cfg.create()?;
+    // A bulk read that must not wait on empty partitions (default 500 ms).
+    cfg.set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer<QuietEof> = cfg.create_with_context(QuietEof)?;
     let mut tpl = TopicPartitionList::new();
     for &part in parts {
         tpl.add_partition_offset(&p.state_topic, part, Offset::Beginning)?;
@@ -393,6 +395,21 @@ fn restore_state<T: Transform>(shared: &Shared<T>, inner: &mut Inner<T>, parts: 
     info!(?parts, records = keys, ms = took.as_millis() as u64, "state restored");
     Ok(())
 }
+
+/// Context for readers with `enable.partition.eof`: librdkafka also reports
+/// each EOF as a global error event, which is not an error.
+pub struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(&error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
+        error!("librdkafka: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for QuietEof {}
 
 struct Job<T: Transform + 'static> {
     shared: Arc<Shared<T>>,

@@ -120,6 +120,12 @@ txn_call_timeout_ms = 5000
 
 /// Creates the input topic up front (so producers don't race the job).
 pub fn create_topic(topic: &str, partitions: i32) {
+    // On its own thread: callable from sync and async tests alike.
+    let topic = topic.to_string();
+    std::thread::spawn(move || create_topic_blocking(&topic, partitions)).join().unwrap();
+}
+
+fn create_topic_blocking(topic: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -202,21 +208,21 @@ pub struct Rec {
 
 /// A read_committed reader of a whole topic that accumulates records.
 pub struct Collector {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<waterbear_stream::job::QuietEof>,
     topic: String,
     pub recs: Vec<Rec>,
 }
 
 impl Collector {
     pub fn new(topic: &str, partitions: i32) -> Self {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let consumer: BaseConsumer<_> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap())
             .set("group.id", format!("collector-{topic}"))
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "true")
             .set("fetch.wait.max.ms", "20")
-            .create()
+            .create_with_context(waterbear_stream::job::QuietEof)
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
