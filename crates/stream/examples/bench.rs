@@ -69,7 +69,10 @@ struct Args {
 }
 
 fn now_us() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
 }
 
 fn kv(s: &str) -> (String, String) {
@@ -133,7 +136,12 @@ fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &[u8], p
     }
 }
 
-fn reader(bootstrap: &str, topic: &str, partitions: i32, consumer_extra: &[(String, String)]) -> BaseConsumer {
+fn reader(
+    bootstrap: &str,
+    topic: &str,
+    partitions: i32,
+    consumer_extra: &[(String, String)],
+) -> BaseConsumer {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", bootstrap)
         .set("group.id", format!("reader-{topic}"))
@@ -145,14 +153,17 @@ fn reader(bootstrap: &str, topic: &str, partitions: i32, consumer_extra: &[(Stri
     let c: BaseConsumer = cfg.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
     c
 }
 
 async fn ensure(params: &waterbear_stream::StreamParams) {
-    waterbear_stream::ensure_topics(params).await.expect("topics");
+    waterbear_stream::ensure_topics(params)
+        .await
+        .expect("topics");
 }
 
 fn percentile(sorted: &[u64], q: f64) -> f64 {
@@ -172,9 +183,13 @@ async fn main() {
         )
         .init();
     let args = Args::parse();
-    let bootstrap = std::env::var("KAFKA_BOOTSTRAP").expect("set KAFKA_BOOTSTRAP or use scripts/with-kafka.sh");
+    let bootstrap =
+        std::env::var("KAFKA_BOOTSTRAP").expect("set KAFKA_BOOTSTRAP or use scripts/with-kafka.sh");
     let m = args.records;
-    println!("bench: {m} records x {} B, {} keys, {} partitions, broker {bootstrap}", args.payload_bytes, args.keys, args.partitions);
+    println!(
+        "bench: {m} records x {} B, {} keys, {} partitions, broker {bootstrap}",
+        args.payload_bytes, args.keys, args.partitions
+    );
 
     // Phase 1: produce.
     let params = config_for(&args, "tp", &bootstrap);
@@ -186,9 +201,17 @@ async fn main() {
         params.consumer
     );
     ensure(&params).await;
-    let consumer_extra: Vec<(String, String)> = params.consumer.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let keys: Vec<Vec<u8>> = (0..args.keys).map(|i| format!("host-{i:06}").into_bytes()).collect();
-    let payload: Vec<u8> = (0..args.payload_bytes).map(|i| b'a' + (i % 26) as u8).collect();
+    let consumer_extra: Vec<(String, String)> = params
+        .consumer
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let keys: Vec<Vec<u8>> = (0..args.keys)
+        .map(|i| format!("host-{i:06}").into_bytes())
+        .collect();
+    let payload: Vec<u8> = (0..args.payload_bytes)
+        .map(|i| b'a' + (i % 26) as u8)
+        .collect();
     let p = input_producer(&bootstrap);
     let t0 = Instant::now();
     for i in 0..m {
@@ -196,10 +219,18 @@ async fn main() {
     }
     p.flush(Duration::from_secs(300)).expect("flush");
     let produce_s = t0.elapsed().as_secs_f64();
-    println!("produce:            {:>10.0} records/s ({m} in {produce_s:.2}s)", m as f64 / produce_s);
+    println!(
+        "produce:            {:>10.0} records/s ({m} in {produce_s:.2}s)",
+        m as f64 / produce_s
+    );
 
     // Phase 2: consume-only ceiling.
-    let c = reader(&bootstrap, &params.telemetry_topic, args.partitions, &consumer_extra);
+    let c = reader(
+        &bootstrap,
+        &params.telemetry_topic,
+        args.partitions,
+        &consumer_extra,
+    );
     let t0 = Instant::now();
     let mut n = 0usize;
     let mut first: Option<Instant> = None;
@@ -208,7 +239,10 @@ async fn main() {
             first.get_or_insert_with(Instant::now);
             n += 1;
         }
-        assert!(t0.elapsed() < Duration::from_secs(600), "ceiling read stalled at {n}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(600),
+            "ceiling read stalled at {n}"
+        );
     }
     let ceiling_s = t0.elapsed().as_secs_f64();
     let ceiling = m as f64 / ceiling_s;
@@ -218,9 +252,20 @@ async fn main() {
     // Phase 3: end to end through the job.
     let metrics = Metrics::new();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let transform = if args.stateful { EchoUpper::new() } else { EchoUpper::stateless() };
+    let transform = if args.stateful {
+        EchoUpper::new()
+    } else {
+        EchoUpper::stateless()
+    };
     let t0 = Instant::now();
-    let job = tokio::spawn(run_with_metrics(params.clone(), transform, async { let _ = rx.await; }, metrics.clone()));
+    let job = tokio::spawn(run_with_metrics(
+        params.clone(),
+        transform,
+        async {
+            let _ = rx.await;
+        },
+        metrics.clone(),
+    ));
     let mut first_commit: Option<(Instant, u64)> = None;
     loop {
         let done = metrics.records_in.get();
@@ -230,7 +275,10 @@ async fn main() {
         if done as usize >= m {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(900), "job stalled at {done}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(900),
+            "job stalled at {done}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let e2e_s = t0.elapsed().as_secs_f64();
@@ -243,19 +291,39 @@ async fn main() {
     println!(
         "end-to-end (EOS):   {e2e:>10.0} records/s ({m} in {e2e_s:.2}s incl. group join+restore; steady state {steady:.0}/s; {txns} transactions)"
     );
-    println!("ratio e2e/ceiling:  {:>10.2} (steady state {:.2})", e2e / ceiling, steady / ceiling);
+    println!(
+        "ratio e2e/ceiling:  {:>10.2} (steady state {:.2})",
+        e2e / ceiling,
+        steady / ceiling
+    );
 
     // Phase 4: latency under a paced load.
     let lparams = config_for(&args, "lat", &bootstrap);
     ensure(&lparams).await;
     let metrics = Metrics::new();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let transform = if args.stateful { EchoUpper::new() } else { EchoUpper::stateless() };
-    let job = tokio::spawn(run_with_metrics(lparams.clone(), transform, async { let _ = rx.await; }, metrics.clone()));
+    let transform = if args.stateful {
+        EchoUpper::new()
+    } else {
+        EchoUpper::stateless()
+    };
+    let job = tokio::spawn(run_with_metrics(
+        lparams.clone(),
+        transform,
+        async {
+            let _ = rx.await;
+        },
+        metrics.clone(),
+    ));
     // Wait until the job has its partitions (restore done) before timing.
     let t0 = Instant::now();
-    while metrics.assigned_partitions.get() < args.partitions as i64 || metrics.restore_seconds.get_sample_count() == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "job did not get its partitions");
+    while metrics.assigned_partitions.get() < args.partitions as i64
+        || metrics.restore_seconds.get_sample_count() == 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "job did not get its partitions"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let total = (args.rate * args.latency_secs) as usize;
@@ -263,8 +331,17 @@ async fn main() {
     let parts = args.partitions;
     let bs = bootstrap.clone();
     let extra = consumer_extra.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     let collector = std::thread::spawn(move || {
         let c = reader(&bs, &out_topic, parts, &extra);
+        // Warm-up: the first output (of one warm-up record) proves the whole
+        // path is connected; only then does the timed, paced load start.
+        loop {
+            if let Some(Ok(_)) = c.poll(Duration::from_millis(50)) {
+                break;
+            }
+        }
+        ready_tx.send(()).unwrap();
         let mut lat = Vec::with_capacity(total);
         let end = Instant::now() + Duration::from_secs(120);
         while lat.len() < total && Instant::now() < end {
@@ -278,6 +355,12 @@ async fn main() {
         lat
     });
     let p = input_producer(&bootstrap);
+    let warm = format!("{:016}", now_us());
+    send(&p, &lparams.telemetry_topic, b"warmup", warm.as_bytes());
+    p.flush(Duration::from_secs(30)).unwrap();
+    ready_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("warm-up output not seen");
     let pace_start = Instant::now();
     let mut buf = payload.clone();
     for i in 0..total {

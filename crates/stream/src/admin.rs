@@ -31,7 +31,9 @@ pub async fn ensure_topics(p: &StreamParams) -> Result<(), StreamError> {
         match r {
             Ok(name) => info!(topic = %name, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => return Err(StreamError::Setup(format!("creating topic {name}: {code}"))),
+            Err((name, code)) => {
+                return Err(StreamError::Setup(format!("creating topic {name}: {code}")));
+            }
         }
     }
     let telemetry = partition_count(&admin, &p.telemetry_topic)?;
@@ -45,12 +47,17 @@ pub async fn ensure_topics(p: &StreamParams) -> Result<(), StreamError> {
     Ok(())
 }
 
-fn partition_count(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Result<usize, StreamError> {
+fn partition_count(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+) -> Result<usize, StreamError> {
     // Metadata may lag a just-created topic for a moment: wait on the
     // condition (partitions visible) with a deadline.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let md = admin.inner().fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))?;
         if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
             && t.error().is_none()
             && !t.partitions().is_empty()
@@ -58,7 +65,9 @@ fn partition_count(admin: &AdminClient<DefaultClientContext>, topic: &str) -> Re
             return Ok(t.partitions().len());
         }
         if std::time::Instant::now() > deadline {
-            return Err(StreamError::Setup(format!("topic {topic} not visible in metadata after 30s")));
+            return Err(StreamError::Setup(format!(
+                "topic {topic} not visible in metadata after 30s"
+            )));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

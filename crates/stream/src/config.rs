@@ -40,7 +40,10 @@ pub enum ConfigError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.into(), message: message.into() }
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// The `[kafka]`, `[topics]`, `[partitions]`, `[batch]` and `[metrics]`
@@ -270,15 +273,19 @@ impl StreamConfig {
     /// Reads and parses a TOML file (unknown fields are errors).
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::from_toml_str(&text, &path.display().to_string())
     }
 
     /// Parses TOML text; `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: origin.to_string(), message: e.to_string() })
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Applies environment overrides: `KAFKA_BOOTSTRAP` replaces
@@ -312,14 +319,27 @@ impl StreamConfig {
         } else {
             k.instance_id.clone()
         };
-        non_empty_id("kafka.instance_id (or WATERBEAR_INSTANCE_ID/HOSTNAME)", &instance_id)?;
+        non_empty_id(
+            "kafka.instance_id (or WATERBEAR_INSTANCE_ID/HOSTNAME)",
+            &instance_id,
+        )?;
         if !(1_000..=3_600_000).contains(&k.session_timeout_ms) {
-            return Err(invalid("kafka.session_timeout_ms", "must be in 1000..=3600000"));
+            return Err(invalid(
+                "kafka.session_timeout_ms",
+                "must be in 1000..=3600000",
+            ));
         }
         if !(1_000..=900_000).contains(&k.transaction_timeout_ms) {
-            return Err(invalid("kafka.transaction_timeout_ms", "must be in 1000..=900000"));
+            return Err(invalid(
+                "kafka.transaction_timeout_ms",
+                "must be in 1000..=900000",
+            ));
         }
-        for (section, map) in [("kafka.extra", &k.extra), ("kafka.consumer", &k.consumer), ("kafka.producer", &k.producer)] {
+        for (section, map) in [
+            ("kafka.extra", &k.extra),
+            ("kafka.consumer", &k.consumer),
+            ("kafka.producer", &k.producer),
+        ] {
             for key in map.keys() {
                 if MANAGED_KEYS.contains(&key.as_str()) {
                     return Err(invalid(
@@ -343,7 +363,10 @@ impl StreamConfig {
         for i in 0..names.len() {
             for j in i + 1..names.len() {
                 if names[i] == names[j] {
-                    return Err(invalid("topics", format!("names must be distinct, '{}' is used twice", names[i])));
+                    return Err(invalid(
+                        "topics",
+                        format!("names must be distinct, '{}' is used twice", names[i]),
+                    ));
                 }
             }
         }
@@ -370,7 +393,10 @@ impl StreamConfig {
             return Err(invalid("batch.max_ms", "must be >= 1"));
         }
         if b.max_ms >= k.transaction_timeout_ms {
-            return Err(invalid("batch.max_ms", "must be < kafka.transaction_timeout_ms"));
+            return Err(invalid(
+                "batch.max_ms",
+                "must be < kafka.transaction_timeout_ms",
+            ));
         }
         if b.txn_call_timeout_ms < 100 {
             return Err(invalid("batch.txn_call_timeout_ms", "must be >= 100"));
@@ -379,9 +405,18 @@ impl StreamConfig {
         let metrics_listen = if self.metrics.listen.trim().is_empty() {
             None
         } else {
-            Some(self.metrics.listen.trim().parse::<SocketAddr>().map_err(|e| {
-                invalid("metrics.listen", format!("must be host:port with an IP host ({e})"))
-            })?)
+            Some(
+                self.metrics
+                    .listen
+                    .trim()
+                    .parse::<SocketAddr>()
+                    .map_err(|e| {
+                        invalid(
+                            "metrics.listen",
+                            format!("must be host:port with an IP host ({e})"),
+                        )
+                    })?,
+            )
         };
 
         Ok(StreamParams {
@@ -430,8 +465,14 @@ fn topic_name(field: &str, name: &str) -> Result<(), ConfigError> {
     if name == "." || name == ".." {
         return Err(invalid(field, "must not be '.' or '..'"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(invalid(field, format!("has '{c}'; only [a-zA-Z0-9._-] are allowed")));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(invalid(
+            field,
+            format!("has '{c}'; only [a-zA-Z0-9._-] are allowed"),
+        ));
     }
     Ok(())
 }
@@ -460,25 +501,47 @@ mod tests {
     fn errors_name_the_field() {
         let mut c = example();
         c.partitions.telemetry = 0;
-        assert_eq!(c.validate().unwrap_err().to_string(), "partitions.telemetry must be >= 1");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "partitions.telemetry must be >= 1"
+        );
 
         let mut c = example();
         c.topics.alerts = "bad topic".into();
-        assert!(c.validate().unwrap_err().to_string().starts_with("topics.alerts has ' '"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("topics.alerts has ' '")
+        );
 
         let mut c = example();
-        c.kafka.extra.insert("enable.auto.commit".into(), "true".into());
-        assert!(c.validate().unwrap_err().to_string().contains("kafka.extra.\"enable.auto.commit\" is managed"));
+        c.kafka
+            .extra
+            .insert("enable.auto.commit".into(), "true".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("kafka.extra.\"enable.auto.commit\" is managed")
+        );
 
         let mut c = example();
         c.topics.dlq = c.topics.alerts.clone();
-        assert!(c.validate().unwrap_err().to_string().starts_with("topics names must be distinct"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("topics names must be distinct")
+        );
     }
 
     #[test]
     fn unknown_fields_are_rejected() {
         let text = EXAMPLE_TEXT.replace("[batch]", "[batch]\nmax_recs = 3");
-        let e = StreamConfig::from_toml_str(&text, "x").unwrap_err().to_string();
+        let e = StreamConfig::from_toml_str(&text, "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_recs"), "{e}");
     }
 }

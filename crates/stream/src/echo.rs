@@ -24,7 +24,10 @@ impl EchoUpper {
     /// Stateless echo: output payload is just `UPPER` and nothing is
     /// persisted (for the throughput benchmark's trivial transform).
     pub fn stateless() -> Self {
-        Self { counts: HashMap::new(), stateless: true }
+        Self {
+            counts: HashMap::new(),
+            stateless: true,
+        }
     }
 
     /// Number of keys held in memory.
@@ -38,7 +41,13 @@ impl Transform for EchoUpper {
         let key = r.key.unwrap_or_default();
         let text = match std::str::from_utf8(r.payload) {
             Ok(t) => t,
-            Err(e) => return vec![Output::dlq(r.key, r.payload, format!("payload is not UTF-8: {e}"))],
+            Err(e) => {
+                return vec![Output::dlq(
+                    r.key,
+                    r.payload,
+                    format!("payload is not UTF-8: {e}"),
+                )];
+            }
         };
         if self.stateless {
             return vec![Output::alert(key, text.to_uppercase())];
@@ -46,15 +55,23 @@ impl Transform for EchoUpper {
         let entry = self.counts.entry(key.to_vec()).or_insert((r.partition, 0));
         entry.0 = r.partition;
         entry.1 += 1;
-        vec![Output::alert(key, format!("{}|{}", text.to_uppercase(), entry.1))]
+        vec![Output::alert(
+            key,
+            format!("{}|{}", text.to_uppercase(), entry.1),
+        )]
     }
 
     fn state(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.counts.get(key).map(|(_, n)| n.to_string().into_bytes())
+        self.counts
+            .get(key)
+            .map(|(_, n)| n.to_string().into_bytes())
     }
 
     fn restore(&mut self, partition: i32, key: &[u8], state: &[u8]) {
-        match std::str::from_utf8(state).ok().and_then(|s| s.parse::<u64>().ok()) {
+        match std::str::from_utf8(state)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             Some(n) => {
                 self.counts.insert(key.to_vec(), (partition, n));
             }
@@ -73,7 +90,13 @@ mod tests {
     use crate::Topic;
 
     fn rec<'a>(key: &'a [u8], payload: &'a [u8]) -> Record<'a> {
-        Record { partition: 0, offset: 0, timestamp_ms: None, key: Some(key), payload }
+        Record {
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+            key: Some(key),
+            payload,
+        }
     }
 
     #[test]

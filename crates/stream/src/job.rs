@@ -78,7 +78,11 @@ pub const DLQ_SOURCE_OFFSET: &str = "dlq.source.offset";
 /// open batch) or a non-recoverable error occurs. Creates missing topics
 /// first when `params.create_topics`, and serves `/metrics` when
 /// `params.metrics_listen` is set.
-pub async fn run<T, S>(params: StreamParams, transform: T, shutdown: S) -> Result<RunSummary, StreamError>
+pub async fn run<T, S>(
+    params: StreamParams,
+    transform: T,
+    shutdown: S,
+) -> Result<RunSummary, StreamError>
 where
     T: Transform + 'static,
     S: Future<Output = ()> + Send + 'static,
@@ -111,7 +115,9 @@ where
         info!("shutdown requested: finishing the open batch");
         stop2.store(true, Ordering::SeqCst);
     });
-    let result = tokio::task::spawn_blocking(move || Job::new(params, transform, metrics, stop)?.run_loop()).await;
+    let result =
+        tokio::task::spawn_blocking(move || Job::new(params, transform, metrics, stop)?.run_loop())
+            .await;
     signal_task.abort();
     if let Some(t) = metrics_task {
         t.abort();
@@ -148,8 +154,16 @@ fn consumer_config(p: &StreamParams) -> ClientConfig {
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
         .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", p.session_timeout.as_millis().to_string())
-        .set("heartbeat.interval.ms", (p.session_timeout.as_millis() / 4).clamp(250, 3000).to_string())
+        .set(
+            "session.timeout.ms",
+            p.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (p.session_timeout.as_millis() / 4)
+                .clamp(250, 3000)
+                .to_string(),
+        )
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false");
     if p.static_membership {
@@ -165,7 +179,10 @@ fn producer_config(p: &StreamParams) -> ClientConfig {
     let mut c = base_config(p);
     c.set("transactional.id", &p.transactional_id)
         .set("enable.idempotence", "true")
-        .set("transaction.timeout.ms", p.transaction_timeout.as_millis().to_string());
+        .set(
+            "transaction.timeout.ms",
+            p.transaction_timeout.as_millis().to_string(),
+        );
     for (k, v) in &p.producer {
         c.set(k, v);
     }
@@ -202,7 +219,8 @@ struct Batch {
     started: Option<Instant>,
     oldest_ts_ms: Option<i64>,
     offsets: HashMap<i32, i64>,
-    dirty: HashSet<(i32, Vec<u8>)>,
+    /// Keys touched in this batch, per input partition.
+    dirty: HashMap<i32, HashSet<Vec<u8>>>,
     records: u64,
     outputs: u64,
     dlq: u64,
@@ -245,9 +263,17 @@ impl<T: Transform> ClientContext for Ctx<T> {
                 if *id < 0 || part.fetch_state == "none" || part.fetch_state == "stopped" {
                     continue;
                 }
-                let end = if part.ls_offset >= 0 { part.ls_offset } else { part.hi_offset };
+                let end = if part.ls_offset >= 0 {
+                    part.ls_offset
+                } else {
+                    part.hi_offset
+                };
                 if end >= 0 && part.app_offset >= 0 {
-                    self.shared.metrics.consumer_lag.with_label_values(&[&id.to_string()]).set(end - part.app_offset);
+                    self.shared
+                        .metrics
+                        .consumer_lag
+                        .with_label_values(&[&id.to_string()])
+                        .set(end - part.app_offset);
                 } else if end >= 0 && part.committed_offset >= 0 {
                     self.shared
                         .metrics
@@ -276,9 +302,15 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
             for p in &parts {
                 inner.transform.forget_partition(*p);
                 inner.assigned.remove(p);
-                let _ = shared.metrics.consumer_lag.remove_label_values(&[&p.to_string()]);
+                let _ = shared
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[&p.to_string()]);
             }
-            shared.metrics.assigned_partitions.set(inner.assigned.len() as i64);
+            shared
+                .metrics
+                .assigned_partitions
+                .set(inner.assigned.len() as i64);
         }
     }
 
@@ -293,7 +325,10 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
                     inner.transform.forget_partition(*p);
                     inner.assigned.insert(*p);
                 }
-                shared.metrics.assigned_partitions.set(inner.assigned.len() as i64);
+                shared
+                    .metrics
+                    .assigned_partitions
+                    .set(inner.assigned.len() as i64);
                 // Restore before the first record of these partitions is
                 // handed out (that happens only in a later poll).
                 if let Err(e) = restore_state(shared, &mut inner, &parts) {
@@ -313,8 +348,7 @@ fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
     let timeout = shared.params.txn_call_timeout;
     warn!(why, records = inner.batch.records, "aborting transaction");
     let mut attempts = 0u32;
-    loop {
-        let Some(producer) = inner.producer.as_ref() else { break };
+    while let Some(producer) = inner.producer.as_ref() {
         match producer.abort_transaction(timeout) {
             Ok(()) => break,
             Err(e) => {
@@ -335,7 +369,11 @@ fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
     }
     inner.batch = Batch::default();
     inner.summary.aborted += 1;
-    shared.metrics.transactions.with_label_values(&["aborted"]).inc();
+    shared
+        .metrics
+        .transactions
+        .with_label_values(&["aborted"])
+        .inc();
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -344,7 +382,11 @@ fn backoff(attempt: u32) -> Duration {
 
 /// Reads the state topic partitions `parts` from the beginning up to the end
 /// (read_committed, so up to the last stable offset) into the transform.
-fn restore_state<T: Transform>(shared: &Shared<T>, inner: &mut Inner<T>, parts: &[i32]) -> Result<(), KafkaError> {
+fn restore_state<T: Transform>(
+    shared: &Shared<T>,
+    inner: &mut Inner<T>,
+    parts: &[i32],
+) -> Result<(), KafkaError> {
     if parts.is_empty() {
         return Ok(());
     }
@@ -392,7 +434,12 @@ fn restore_state<T: Transform>(shared: &Shared<T>, inner: &mut Inner<T>, parts: 
     }
     let took = t0.elapsed();
     shared.metrics.restore_seconds.observe(took.as_secs_f64());
-    info!(?parts, records = keys, ms = took.as_millis() as u64, "state restored");
+    info!(
+        ?parts,
+        records = keys,
+        ms = took.as_millis() as u64,
+        "state restored"
+    );
     Ok(())
 }
 
@@ -414,6 +461,7 @@ impl ConsumerContext for QuietEof {}
 struct Job<T: Transform + 'static> {
     shared: Arc<Shared<T>>,
     consumer: BaseConsumer<Ctx<T>>,
+    started: Instant,
 }
 
 fn create_producer(p: &StreamParams, stop: &AtomicBool) -> Option<TxnProducer> {
@@ -445,7 +493,13 @@ fn create_producer(p: &StreamParams, stop: &AtomicBool) -> Option<TxnProducer> {
 }
 
 impl<T: Transform + 'static> Job<T> {
-    fn new(params: StreamParams, transform: T, metrics: Metrics, stop: Arc<AtomicBool>) -> Result<Self, StreamError> {
+    fn new(
+        params: StreamParams,
+        transform: T,
+        metrics: Metrics,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, StreamError> {
+        let started = Instant::now();
         let producer = create_producer(&params, &stop);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
@@ -461,7 +515,9 @@ impl<T: Transform + 'static> Job<T> {
             stop,
         });
         let consumer: BaseConsumer<Ctx<T>> =
-            consumer_config(&shared.params).create_with_context(Ctx { shared: shared.clone() })?;
+            consumer_config(&shared.params).create_with_context(Ctx {
+                shared: shared.clone(),
+            })?;
         consumer.subscribe(&[&shared.params.telemetry_topic])?;
         info!(
             group = %shared.params.group_id,
@@ -469,7 +525,11 @@ impl<T: Transform + 'static> Job<T> {
             topic = %shared.params.telemetry_topic,
             "consumer subscribed"
         );
-        Ok(Self { shared, consumer })
+        Ok(Self {
+            shared,
+            consumer,
+            started,
+        })
     }
 
     fn run_loop(self) -> Result<RunSummary, StreamError> {
@@ -482,7 +542,10 @@ impl<T: Transform + 'static> Job<T> {
             let timeout = {
                 let inner = shared.lock();
                 match inner.batch.started {
-                    Some(s) => p.batch_max_time.saturating_sub(s.elapsed()).min(Duration::from_millis(100)),
+                    Some(s) => p
+                        .batch_max_time
+                        .saturating_sub(s.elapsed())
+                        .min(Duration::from_millis(100)),
                     None => Duration::from_millis(100),
                 }
             };
@@ -516,7 +579,10 @@ impl<T: Transform + 'static> Job<T> {
             }
             let due = inner.batch.open
                 && (inner.batch.records as usize >= p.batch_max_records
-                    || inner.batch.started.is_some_and(|s| s.elapsed() >= p.batch_max_time));
+                    || inner
+                        .batch
+                        .started
+                        .is_some_and(|s| s.elapsed() >= p.batch_max_time));
             if due {
                 self.commit(&mut inner);
             }
@@ -535,10 +601,18 @@ impl<T: Transform + 'static> Job<T> {
     }
 
     /// Processes one record inside the open (or a new) transaction.
-    fn handle(&self, inner: &mut Inner<T>, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), KafkaError> {
+    fn handle(
+        &self,
+        inner: &mut Inner<T>,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<(), KafkaError> {
         let p = &self.shared.params;
         if !inner.batch.open {
-            inner.producer.as_ref().expect("producer present").begin_transaction()?;
+            inner
+                .producer
+                .as_ref()
+                .expect("producer present")
+                .begin_transaction()?;
             inner.batch.open = true;
             inner.batch.started = Some(Instant::now());
         }
@@ -558,7 +632,11 @@ impl<T: Transform + 'static> Job<T> {
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "unknown panic".into());
                 error!(partition = rec.partition, offset = rec.offset, %msg, "transform panicked; record to DLQ");
-                vec![Output::dlq(rec.key, rec.payload, format!("transform panicked: {msg}"))]
+                vec![Output::dlq(
+                    rec.key,
+                    rec.payload,
+                    format!("transform panicked: {msg}"),
+                )]
             }
         };
         let producer = inner.producer.as_ref().expect("producer present");
@@ -568,20 +646,39 @@ impl<T: Transform + 'static> Job<T> {
                 Topic::Dlq => p.dlq_topic.as_str(),
                 Topic::Named(n) => n.as_str(),
             };
-            let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 3);
-            for (k, v) in &o.headers {
-                headers = headers.insert(Header { key: k, value: Some(v) });
+            let mut record = BaseRecord::to(topic)
+                .key(&o.key[..])
+                .payload(&o.payload[..]);
+            let is_dlq = o.topic == Topic::Dlq;
+            // Headers cost a C allocation per record: only when there are some.
+            if !o.headers.is_empty() || is_dlq {
+                let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 3);
+                for (k, v) in &o.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
+                if is_dlq {
+                    let part = rec.partition.to_string();
+                    let off = rec.offset.to_string();
+                    headers = headers
+                        .insert(Header {
+                            key: DLQ_SOURCE_TOPIC,
+                            value: Some(&p.telemetry_topic),
+                        })
+                        .insert(Header {
+                            key: DLQ_SOURCE_PARTITION,
+                            value: Some(&part),
+                        })
+                        .insert(Header {
+                            key: DLQ_SOURCE_OFFSET,
+                            value: Some(&off),
+                        });
+                    inner.batch.dlq += 1;
+                }
+                record = record.headers(headers);
             }
-            if o.topic == Topic::Dlq {
-                let part = rec.partition.to_string();
-                let off = rec.offset.to_string();
-                headers = headers
-                    .insert(Header { key: DLQ_SOURCE_TOPIC, value: Some(&p.telemetry_topic) })
-                    .insert(Header { key: DLQ_SOURCE_PARTITION, value: Some(&part) })
-                    .insert(Header { key: DLQ_SOURCE_OFFSET, value: Some(&off) });
-                inner.batch.dlq += 1;
-            }
-            let record = BaseRecord::to(topic).key(&o.key[..]).payload(&o.payload[..]).headers(headers);
             send_blocking(producer, record)?;
         }
         let b = &mut inner.batch;
@@ -589,9 +686,10 @@ impl<T: Transform + 'static> Job<T> {
         b.records += 1;
         b.offsets.insert(rec.partition, rec.offset + 1);
         if let Some(k) = rec.key {
-            // Avoid allocating for keys already marked dirty.
-            if !b.dirty.contains(&(rec.partition, k.to_vec())) {
-                b.dirty.insert((rec.partition, k.to_vec()));
+            // Allocate only for keys not yet marked dirty in this batch.
+            let keys = b.dirty.entry(rec.partition).or_default();
+            if !keys.contains(k) {
+                keys.insert(k.to_vec());
             }
         }
         if let Some(ts) = rec.timestamp_ms {
@@ -606,13 +704,19 @@ impl<T: Transform + 'static> Job<T> {
         let p = &shared.params;
         let result = (|| -> Result<(), KafkaError> {
             let producer = inner.producer.as_ref().expect("producer present");
+            let t_state = Instant::now();
             let dirty = std::mem::take(&mut inner.batch.dirty);
-            for (part, key) in &dirty {
-                if let Some(state) = inner.transform.state(key) {
-                    send_blocking(
-                        producer,
-                        BaseRecord::to(&p.state_topic).partition(*part).key(&key[..]).payload(&state[..]),
-                    )?;
+            for (part, keys) in &dirty {
+                for key in keys {
+                    if let Some(state) = inner.transform.state(key) {
+                        send_blocking(
+                            producer,
+                            BaseRecord::to(&p.state_topic)
+                                .partition(*part)
+                                .key(&key[..])
+                                .payload(&state[..]),
+                        )?;
+                    }
                 }
             }
             let mut tpl = TopicPartitionList::with_capacity(inner.batch.offsets.len());
@@ -623,8 +727,30 @@ impl<T: Transform + 'static> Job<T> {
                 .consumer
                 .group_metadata()
                 .ok_or(KafkaError::Global(RDKafkaErrorCode::State))?;
-            retry_call(&shared.stop, || producer.send_offsets_to_transaction(&tpl, &gm, p.txn_call_timeout))?;
-            retry_call(&shared.stop, || producer.commit_transaction(p.txn_call_timeout))?;
+            let t_offsets = Instant::now();
+            retry_call(&shared.stop, || {
+                producer.send_offsets_to_transaction(&tpl, &gm, p.txn_call_timeout)
+            })?;
+            let t_commit = Instant::now();
+            // rdkafka's commit_transaction flushes first, but its flush waits
+            // in 100 ms poll slices; the producer's own thread serves the
+            // delivery reports, so wait for them here at a finer grain and
+            // the flush inside commit_transaction finds nothing left to do.
+            wait_delivered(producer, p.txn_call_timeout);
+            retry_call(&shared.stop, || {
+                producer.commit_transaction(p.txn_call_timeout)
+            })?;
+            let t_done = Instant::now();
+            shared
+                .metrics
+                .commit_seconds
+                .observe((t_done - t_state).as_secs_f64());
+            debug!(
+                state_ms = (t_offsets - t_state).as_secs_f64() * 1e3,
+                offsets_ms = (t_commit - t_offsets).as_secs_f64() * 1e3,
+                commit_ms = (t_done - t_commit).as_secs_f64() * 1e3,
+                "commit timings"
+            );
             Ok(())
         })();
         match result {
@@ -643,13 +769,21 @@ impl<T: Transform + 'static> Job<T> {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map(|d| d.as_millis() as i64)
                         .unwrap_or(ts);
-                    m.record_latency.observe((now_ms - ts).max(0) as f64 / 1000.0);
+                    m.record_latency
+                        .observe((now_ms - ts).max(0) as f64 / 1000.0);
                 }
                 let s = &mut inner.summary;
                 s.records_in += b.records;
                 s.records_out += b.outputs;
                 s.dlq += b.dlq;
                 s.committed += 1;
+                if s.committed == 1 {
+                    // Start-up/recovery time: process start to first commit.
+                    info!(
+                        ms = self.started.elapsed().as_millis() as u64,
+                        "first transaction committed"
+                    );
+                }
                 debug!(records = b.records, "committed");
             }
             Err(e) => {
@@ -667,7 +801,11 @@ impl<T: Transform + 'static> Job<T> {
             inner.producer = None;
             inner.batch = Batch::default();
             inner.summary.aborted += 1;
-            self.shared.metrics.transactions.with_label_values(&["aborted"]).inc();
+            self.shared
+                .metrics
+                .transactions
+                .with_label_values(&["aborted"])
+                .inc();
         } else {
             abort_open(&self.shared, inner, "transaction failed");
         }
@@ -705,7 +843,10 @@ impl<T: Transform + 'static> Job<T> {
                 Offset::Offset(o) => Offset::Offset(o),
                 _ => Offset::Beginning,
             };
-            if let Err(e) = self.consumer.seek(&p.telemetry_topic, el.partition(), to, p.txn_call_timeout) {
+            if let Err(e) =
+                self.consumer
+                    .seek(&p.telemetry_topic, el.partition(), to, p.txn_call_timeout)
+            {
                 warn!(error = %e, partition = el.partition(), "seek failed during rewind; retrying");
                 std::thread::sleep(Duration::from_millis(500));
                 return;
@@ -717,7 +858,10 @@ impl<T: Transform + 'static> Job<T> {
 }
 
 /// Produces, waiting while the local queue is full (bounded memory).
-fn send_blocking(producer: &TxnProducer, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), KafkaError> {
+fn send_blocking(
+    producer: &TxnProducer,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<(), KafkaError> {
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
@@ -730,14 +874,29 @@ fn send_blocking(producer: &TxnProducer, mut record: BaseRecord<'_, [u8], [u8]>)
     }
 }
 
+/// Waits until every produced record is acknowledged (or `timeout`).
+fn wait_delivered(producer: &TxnProducer, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_micros(250));
+    }
+}
+
 /// Calls a transactional API until it succeeds, fails non-retriably, or the
 /// retries run out.
-fn retry_call(stop: &AtomicBool, mut f: impl FnMut() -> Result<(), KafkaError>) -> Result<(), KafkaError> {
+fn retry_call(
+    stop: &AtomicBool,
+    mut f: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), KafkaError> {
     let mut attempt = 0u32;
     loop {
         match f() {
             Ok(()) => return Ok(()),
-            Err(e) if classify(&e) == Recovery::Retry && attempt < 20 && !(stop.load(Ordering::Relaxed) && attempt > 3) => {
+            Err(e)
+                if classify(&e) == Recovery::Retry
+                    && attempt < 20
+                    && !(stop.load(Ordering::Relaxed) && attempt > 3) =>
+            {
                 attempt += 1;
                 warn!(error = %e, attempt, "retriable transaction error");
                 std::thread::sleep(backoff(attempt));

@@ -35,6 +35,9 @@ pub struct Metrics {
     /// the oldest record in a transaction to its commit (end to end, includes
     /// time spent in the input topic).
     pub record_latency: Histogram,
+    /// `waterbear_stream_commit_seconds`: time the loop spends committing a
+    /// transaction (state writes, send offsets, commit incl. flush).
+    pub commit_seconds: Histogram,
     /// `waterbear_stream_restore_seconds`: state restore time per assignment.
     pub restore_seconds: Histogram,
     /// `waterbear_stream_assigned_partitions`.
@@ -43,30 +46,45 @@ pub struct Metrics {
     pub rebalances: IntCounter,
 }
 
-const LATENCY_BUCKETS: &[f64] =
-    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 impl Metrics {
     /// Creates and registers all metrics.
     pub fn new() -> Self {
         let registry = Registry::new();
-        let records_in =
-            IntCounter::new("waterbear_stream_records_in_total", "Input records processed and committed")
-                .expect("valid metric");
+        let records_in = IntCounter::new(
+            "waterbear_stream_records_in_total",
+            "Input records processed and committed",
+        )
+        .expect("valid metric");
         let records_out = IntCounterVec::new(
-            Opts::new("waterbear_stream_records_out_total", "Output records committed"),
+            Opts::new(
+                "waterbear_stream_records_out_total",
+                "Output records committed",
+            ),
             &["topic"],
         )
         .expect("valid metric");
-        let dlq = IntCounter::new("waterbear_stream_dlq_total", "Records sent to the DLQ and committed")
-            .expect("valid metric");
+        let dlq = IntCounter::new(
+            "waterbear_stream_dlq_total",
+            "Records sent to the DLQ and committed",
+        )
+        .expect("valid metric");
         let consumer_lag = IntGaugeVec::new(
-            Opts::new("waterbear_stream_consumer_lag", "Last stable offset minus job position"),
+            Opts::new(
+                "waterbear_stream_consumer_lag",
+                "Last stable offset minus job position",
+            ),
             &["partition"],
         )
         .expect("valid metric");
         let transactions = IntCounterVec::new(
-            Opts::new("waterbear_stream_transactions_total", "Transactions by result"),
+            Opts::new(
+                "waterbear_stream_transactions_total",
+                "Transactions by result",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -86,15 +104,29 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        let restore_seconds = Histogram::with_opts(
-            HistogramOpts::new("waterbear_stream_restore_seconds", "State restore time per assignment")
-                .buckets(LATENCY_BUCKETS.to_vec()),
+        let commit_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "waterbear_stream_commit_seconds",
+                "Time spent committing a transaction (state, offsets, commit incl. flush)",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        let assigned_partitions =
-            IntGauge::new("waterbear_stream_assigned_partitions", "Input partitions assigned").expect("valid metric");
-        let rebalances =
-            IntCounter::new("waterbear_stream_rebalances_total", "Rebalance events").expect("valid metric");
+        let restore_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "waterbear_stream_restore_seconds",
+                "State restore time per assignment",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let assigned_partitions = IntGauge::new(
+            "waterbear_stream_assigned_partitions",
+            "Input partitions assigned",
+        )
+        .expect("valid metric");
+        let rebalances = IntCounter::new("waterbear_stream_rebalances_total", "Rebalance events")
+            .expect("valid metric");
         for c in [
             Box::new(records_in.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(records_out.clone()),
@@ -103,6 +135,7 @@ impl Metrics {
             Box::new(transactions.clone()),
             Box::new(batch_latency.clone()),
             Box::new(record_latency.clone()),
+            Box::new(commit_seconds.clone()),
             Box::new(restore_seconds.clone()),
             Box::new(assigned_partitions.clone()),
             Box::new(rebalances.clone()),
@@ -118,6 +151,7 @@ impl Metrics {
             transactions,
             batch_latency,
             record_latency,
+            commit_seconds,
             restore_seconds,
             assigned_partitions,
             rebalances,
@@ -127,7 +161,9 @@ impl Metrics {
     /// Text exposition format of all metrics.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("encoding to a Vec");
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("encoding to a Vec");
         String::from_utf8(buf).expect("prometheus text format is UTF-8")
     }
 }
@@ -149,11 +185,18 @@ pub async fn serve_metrics(
     tracing::info!(%bound, "serving /metrics");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let metrics = metrics.clone();
             tokio::spawn(async move {
                 let mut req = [0u8; 2048];
-                let n = match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut req)).await {
+                let n = match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut req),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => return,
                 };

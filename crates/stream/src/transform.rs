@@ -48,7 +48,12 @@ pub struct Output {
 impl Output {
     /// An alert keyed by `key`.
     pub fn alert(key: impl Into<Vec<u8>>, payload: impl Into<Vec<u8>>) -> Self {
-        Self { topic: Topic::Alerts, key: key.into(), payload: payload.into(), headers: Vec::new() }
+        Self {
+            topic: Topic::Alerts,
+            key: key.into(),
+            payload: payload.into(),
+            headers: Vec::new(),
+        }
     }
 
     /// A dead letter: the original bytes and a `dlq.reason` header.

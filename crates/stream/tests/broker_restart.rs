@@ -19,7 +19,9 @@ fn broker_restart_mid_stream_loses_nothing() {
     init_tracing();
     let _ = bootstrap();
     let Ok(script) = std::env::var("WATERBEAR_KAFKA_SCRIPT") else {
-        eprintln!("SKIPPED: broker restart needs a broker started by scripts/with-kafka.sh (WATERBEAR_KAFKA_SCRIPT unset)");
+        eprintln!(
+            "SKIPPED: broker restart needs a broker started by scripts/with-kafka.sh (WATERBEAR_KAFKA_SCRIPT unset)"
+        );
         return;
     };
     let names = Names::new("restart");
@@ -49,9 +51,16 @@ fn broker_restart_mid_stream_loses_nothing() {
         flush(&p);
     });
     let t0 = Instant::now();
-    let st = Command::new(&script).arg("restart").status().expect("run kafka.sh restart");
+    let st = Command::new(&script)
+        .arg("restart")
+        .status()
+        .expect("run kafka.sh restart");
     assert!(st.success(), "kafka.sh restart failed");
-    eprintln!("broker restarted in {:?} at {} outputs", t0.elapsed(), c.recs.len());
+    eprintln!(
+        "broker restarted in {:?} at {} outputs",
+        t0.elapsed(),
+        c.recs.len()
+    );
     feeder.join().unwrap();
     c.wait_for(n, Duration::from_secs(180), "after broker restart");
     let st = sigterm_and_wait(&mut job, Duration::from_secs(60));

@@ -44,13 +44,23 @@ async fn n_records_in_exact_outputs_out() {
     assert_exactly_once(&expected(&ins), &outs);
 
     tx.send(()).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(30), job).await.unwrap().unwrap().unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), job)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(summary.records_in, 3000);
     assert_eq!(summary.records_out, 3000);
     assert_eq!(summary.dlq, 0);
     let text = metrics.render();
-    assert!(text.contains("waterbear_stream_records_in_total 3000"), "{text}");
-    assert!(text.contains("waterbear_stream_batch_latency_seconds_bucket"), "{text}");
+    assert!(
+        text.contains("waterbear_stream_records_in_total 3000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("waterbear_stream_batch_latency_seconds_bucket"),
+        "{text}"
+    );
 }
 
 /// (3) Bad records -> DLQ with reason header and the original bytes; the
@@ -88,7 +98,11 @@ async fn bad_records_go_to_dlq_and_job_keeps_running() {
             let _ = rx.await;
         },
     ));
-    let (alerts, dlq, tel) = (names.alerts.clone(), names.dlq.clone(), names.telemetry.clone());
+    let (alerts, dlq, tel) = (
+        names.alerts.clone(),
+        names.dlq.clone(),
+        names.telemetry.clone(),
+    );
     let (good_n, bad_n) = (good.len(), bad.len());
     let (outs, dead) = tokio::task::spawn_blocking(move || {
         let mut c = Collector::new(&alerts, parts);
@@ -102,20 +116,40 @@ async fn bad_records_go_to_dlq_and_job_keeps_running() {
     .await
     .unwrap();
     assert_exactly_once(&expected(&good), &outs);
-    assert_eq!(dead.len(), bad.len(), "every bad record exactly once in the DLQ");
-    let mut got: Vec<(Vec<u8>, Vec<u8>)> = dead.iter().map(|r| (r.key.clone(), r.payload.clone())).collect();
+    assert_eq!(
+        dead.len(),
+        bad.len(),
+        "every bad record exactly once in the DLQ"
+    );
+    let mut got: Vec<(Vec<u8>, Vec<u8>)> = dead
+        .iter()
+        .map(|r| (r.key.clone(), r.payload.clone()))
+        .collect();
     let mut want = bad.clone();
     got.sort();
     want.sort();
     assert_eq!(got, want, "DLQ holds the original bytes and keys");
     for r in &dead {
-        let h = |name: &str| r.headers.iter().find(|(k, _)| k == name).map(|(_, v)| String::from_utf8_lossy(v).to_string());
-        assert!(h(DLQ_REASON_HEADER).unwrap().contains("not UTF-8"), "{:?}", r.headers);
+        let h = |name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).to_string())
+        };
+        assert!(
+            h(DLQ_REASON_HEADER).unwrap().contains("not UTF-8"),
+            "{:?}",
+            r.headers
+        );
         assert_eq!(h("dlq.source.topic").as_deref(), Some(tel.as_str()));
         assert!(h("dlq.source.offset").unwrap().parse::<i64>().is_ok());
     }
     tx.send(()).unwrap();
-    let summary = tokio::time::timeout(Duration::from_secs(30), job).await.unwrap().unwrap().unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), job)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(summary.dlq, bad.len() as u64);
 }
 
@@ -150,7 +184,17 @@ fn sigkill_restarts_lose_and_duplicate_nothing() {
     let mut c = Collector::new(&names.alerts, parts);
     let kills = 6;
     for round in 0..kills {
+        let spawned = Instant::now();
+        let before = c.recs.len();
         let mut child = spawn_job(&cfg, "k0", &log);
+        // Recovery time: process start to its first committed output.
+        while c.recs.len() == before && spawned.elapsed() < Duration::from_secs(60) {
+            c.poll_for(Duration::from_millis(5));
+        }
+        eprintln!(
+            "round {round}: restarted job's first committed output after {:?}",
+            spawned.elapsed()
+        );
         // Kill at a random point: once outputs have advanced by a random
         // amount (the job is then mid-way through a later transaction),
         // plus random jitter.
@@ -159,7 +203,11 @@ fn sigkill_restarts_lose_and_duplicate_nothing() {
         while c.recs.len() < target.min(n) && Instant::now() < end {
             c.poll_for(Duration::from_millis(20));
         }
-        assert!(Instant::now() < end, "round {round}: no progress (log {})", log.display());
+        assert!(
+            Instant::now() < end,
+            "round {round}: no progress (log {})",
+            log.display()
+        );
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..150)));
         sigkill(&mut child);
         eprintln!("round {round}: killed at {} outputs", c.recs.len());
@@ -197,7 +245,10 @@ fn survivor_takes_over_partitions_of_killed_instance() {
     let mut b = spawn_job(&cfg, "b", &log_b);
     let end = Instant::now() + Duration::from_secs(60);
     while group_members(&names.group) < 2 {
-        assert!(Instant::now() < end, "both instances did not join the group");
+        assert!(
+            Instant::now() < end,
+            "both instances did not join the group"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     produce(&p, &names.telemetry, first);
@@ -205,10 +256,19 @@ fn survivor_takes_over_partitions_of_killed_instance() {
     let mut c = Collector::new(&names.alerts, parts);
     c.wait_for(3_000, Duration::from_secs(60), "before kill");
     sigkill(&mut a);
+    let killed = Instant::now();
     eprintln!("killed a at {} outputs", c.recs.len());
     produce(&p, &names.telemetry, second);
     flush(&p);
-    c.wait_for(ins.len(), Duration::from_secs(120), "after kill (survivor b)");
+    c.wait_for(
+        ins.len(),
+        Duration::from_secs(120),
+        "after kill (survivor b)",
+    );
+    eprintln!(
+        "survivor produced every output {:?} after the kill",
+        killed.elapsed()
+    );
     c.drain();
     assert_exactly_once(&expected(&ins), &c.recs);
     let st = sigterm_and_wait(&mut b, Duration::from_secs(30));

@@ -42,7 +42,11 @@ async fn main() -> anyhow::Result<()> {
         cfg.kafka.instance_id = id;
     }
     let params = cfg.validate()?;
-    let transform = if args.stateless { EchoUpper::stateless() } else { EchoUpper::new() };
+    let transform = if args.stateless {
+        EchoUpper::stateless()
+    } else {
+        EchoUpper::new()
+    };
     let summary = run(params, transform, shutdown_signal()).await?;
     tracing::info!(?summary, "exiting");
     Ok(())

@@ -46,7 +46,10 @@ pub struct Names {
 
 impl Names {
     pub fn new(test: &str) -> Self {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         let id = format!("{test}-{}-{}", std::process::id(), nanos % 1_000_000_000);
         Self {
             group: format!("g-{id}"),
@@ -59,7 +62,12 @@ impl Names {
     }
 
     /// A streaming.toml for these names.
-    pub fn config_toml(&self, partitions: i32, batch_max_records: usize, batch_max_ms: u64) -> String {
+    pub fn config_toml(
+        &self,
+        partitions: i32,
+        batch_max_records: usize,
+        batch_max_ms: u64,
+    ) -> String {
         format!(
             r#"
 [kafka]
@@ -104,15 +112,28 @@ txn_call_timeout_ms = 5000
         )
     }
 
-    pub fn write_config(&self, dir: &Path, partitions: i32, batch_max_records: usize, batch_max_ms: u64) -> PathBuf {
+    pub fn write_config(
+        &self,
+        dir: &Path,
+        partitions: i32,
+        batch_max_records: usize,
+        batch_max_ms: u64,
+    ) -> PathBuf {
         let path = dir.join(format!("{}.toml", self.group));
-        std::fs::write(&path, self.config_toml(partitions, batch_max_records, batch_max_ms)).unwrap();
+        std::fs::write(
+            &path,
+            self.config_toml(partitions, batch_max_records, batch_max_ms),
+        )
+        .unwrap();
         path
     }
 
     pub fn params(&self, partitions: i32, instance: &str) -> waterbear_stream::StreamParams {
-        let mut c =
-            waterbear_stream::StreamConfig::from_toml_str(&self.config_toml(partitions, 500, 50), "test").unwrap();
+        let mut c = waterbear_stream::StreamConfig::from_toml_str(
+            &self.config_toml(partitions, 500, 50),
+            "test",
+        )
+        .unwrap();
         c.kafka.instance_id = instance.to_string();
         c.validate().unwrap()
     }
@@ -122,13 +143,21 @@ txn_call_timeout_ms = 5000
 pub fn create_topic(topic: &str, partitions: i32) {
     // On its own thread: callable from sync and async tests alike.
     let topic = topic.to_string();
-    std::thread::spawn(move || create_topic_blocking(&topic, partitions)).join().unwrap();
+    std::thread::spawn(move || create_topic_blocking(&topic, partitions))
+        .join()
+        .unwrap();
 }
 
 fn create_topic_blocking(topic: &str, partitions: i32) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<_> = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let admin: AdminClient<_> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let res = rt
         .block_on(admin.create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -153,7 +182,11 @@ pub fn producer() -> ThreadedProducer<rdkafka::producer::DefaultProducerContext>
         .unwrap()
 }
 
-pub fn produce(p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>, topic: &str, recs: &[(Vec<u8>, Vec<u8>)]) {
+pub fn produce(
+    p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    recs: &[(Vec<u8>, Vec<u8>)],
+) {
     for (k, v) in recs {
         let mut rec = BaseRecord::to(topic).key(&k[..]).payload(&v[..]);
         loop {
@@ -161,7 +194,12 @@ pub fn produce(p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>, 
                 Ok(()) => break,
                 Err((e, r)) => {
                     assert!(
-                        matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)),
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
                         "produce: {e}"
                     );
                     rec = r;
@@ -173,7 +211,8 @@ pub fn produce(p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>, 
 }
 
 pub fn flush(p: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>) {
-    p.flush(Duration::from_secs(120)).expect("flush input producer");
+    p.flush(Duration::from_secs(120))
+        .expect("flush input producer");
 }
 
 /// Input records: `n` records over `keys` keys, payload `rec-<key>-<i>`.
@@ -192,7 +231,13 @@ pub fn expected(inputs: &[(Vec<u8>, Vec<u8>)]) -> BTreeMap<Vec<u8>, Vec<Vec<u8>>
     for (k, v) in inputs {
         let e = m.entry(k.clone()).or_default();
         let n = e.len() + 1;
-        e.push(format!("{}|{n}", String::from_utf8(v.clone()).unwrap().to_uppercase()).into_bytes());
+        e.push(
+            format!(
+                "{}|{n}",
+                String::from_utf8(v.clone()).unwrap().to_uppercase()
+            )
+            .into_bytes(),
+        );
     }
     m
 }
@@ -226,10 +271,15 @@ impl Collector {
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
-            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&tpl).unwrap();
-        Self { consumer, topic: topic.to_string(), recs: Vec::new() }
+        Self {
+            consumer,
+            topic: topic.to_string(),
+            recs: Vec::new(),
+        }
     }
 
     /// Polls for up to `d`, returns how many records arrived.
@@ -242,7 +292,9 @@ impl Collector {
                     let headers = m
                         .headers()
                         .map(|h| {
-                            h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect()
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                                .collect()
                         })
                         .unwrap_or_default();
                     self.recs.push(Rec {
@@ -264,7 +316,12 @@ impl Collector {
     pub fn wait_for(&mut self, n: usize, deadline: Duration, what: &str) {
         let end = Instant::now() + deadline;
         while self.recs.len() < n {
-            assert!(Instant::now() < end, "{what}: only {} of {n} records in {} after {deadline:?}", self.recs.len(), self.topic);
+            assert!(
+                Instant::now() < end,
+                "{what}: only {} of {n} records in {} after {deadline:?}",
+                self.recs.len(),
+                self.topic
+            );
             self.poll_for(Duration::from_millis(100));
         }
     }
@@ -278,7 +335,10 @@ impl Collector {
             let mut at_end = true;
             let positions = self.consumer.position().unwrap();
             for el in positions.elements() {
-                let (_, hi) = self.consumer.fetch_watermarks(&self.topic, el.partition(), Duration::from_secs(10)).unwrap();
+                let (_, hi) = self
+                    .consumer
+                    .fetch_watermarks(&self.topic, el.partition(), Duration::from_secs(10))
+                    .unwrap();
                 let pos = match el.offset() {
                     Offset::Offset(o) => o,
                     _ => 0,
@@ -293,7 +353,11 @@ impl Collector {
                 self.poll_for(Duration::from_millis(300));
                 return;
             }
-            assert!(Instant::now() < end, "collector {} did not reach the end", self.topic);
+            assert!(
+                Instant::now() < end,
+                "collector {} did not reach the end",
+                self.topic
+            );
         }
     }
 }
@@ -301,9 +365,12 @@ impl Collector {
 /// Asserts outputs are exactly the expected ones: per key, in order, no
 /// loss, no duplicates.
 pub fn assert_exactly_once(expected: &BTreeMap<Vec<u8>, Vec<Vec<u8>>>, outputs: &[Rec]) {
-    let mut got: BTreeMap<Vec<u8>, Vec<(i32, i64, Vec<u8>)>> = BTreeMap::new();
+    type Placed = (i32, i64, Vec<u8>); // partition, offset, payload
+    let mut got: BTreeMap<Vec<u8>, Vec<Placed>> = BTreeMap::new();
     for r in outputs {
-        got.entry(r.key.clone()).or_default().push((r.partition, r.offset, r.payload.clone()));
+        got.entry(r.key.clone())
+            .or_default()
+            .push((r.partition, r.offset, r.payload.clone()));
     }
     let exp_keys: BTreeSet<_> = expected.keys().collect();
     let got_keys: BTreeSet<_> = got.keys().collect();
@@ -326,12 +393,21 @@ pub fn assert_exactly_once(expected: &BTreeMap<Vec<u8>, Vec<Vec<u8>>>, outputs: 
             ));
         }
     }
-    assert!(problems.is_empty(), "{} keys wrong:\n{}", problems.len(), problems[..problems.len().min(10)].join("\n"));
+    assert!(
+        problems.is_empty(),
+        "{} keys wrong:\n{}",
+        problems.len(),
+        problems[..problems.len().min(10)].join("\n")
+    );
 }
 
 /// Spawns the example job binary.
 pub fn spawn_job(config: &Path, instance: &str, log: &Path) -> Child {
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     Command::new(env!("CARGO_BIN_EXE_stream-echo"))
         .arg("--config")
         .arg(config)
@@ -359,7 +435,10 @@ pub fn sigterm_and_wait(child: &mut Child, deadline: Duration) -> std::process::
         if let Some(st) = child.try_wait().unwrap() {
             return st;
         }
-        assert!(Instant::now() < end, "job did not exit within {deadline:?} after SIGTERM");
+        assert!(
+            Instant::now() < end,
+            "job did not exit within {deadline:?} after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -372,9 +451,17 @@ pub fn tmpdir() -> PathBuf {
 
 /// Members of a consumer group (by client/instance), via DescribeGroups.
 pub fn group_members(group: &str) -> usize {
-    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create().unwrap();
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
     match c.fetch_group_list(Some(group), Duration::from_secs(10)) {
-        Ok(list) => list.groups().iter().filter(|g| g.name() == group).map(|g| g.members().len()).sum(),
+        Ok(list) => list
+            .groups()
+            .iter()
+            .filter(|g| g.name() == group)
+            .map(|g| g.members().len())
+            .sum(),
         Err(_) => 0,
     }
 }
