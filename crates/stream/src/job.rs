@@ -26,7 +26,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, Producer, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, error, info, warn};
@@ -222,7 +224,8 @@ struct Batch {
     /// Keys touched in this batch, per input partition.
     dirty: HashMap<i32, HashSet<Vec<u8>>>,
     records: u64,
-    outputs: u64,
+    alerts: u64,
+    other: u64,
     dlq: u64,
 }
 
@@ -294,7 +297,8 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
             let mut inner = shared.lock();
             let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
             info!(?parts, "partitions revoked");
-            if inner.batch.open {
+            let aborted = inner.batch.open;
+            if aborted {
                 // Offsets of revoked partitions must not be committed by us
                 // any more: drop the whole batch; the new owner replays it.
                 abort_open(shared, &mut inner, "rebalance");
@@ -311,6 +315,11 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
                 .metrics
                 .assigned_partitions
                 .set(inner.assigned.len() as i64);
+            // With incremental (cooperative) rebalancing some partitions stay:
+            // the aborted batch touched their state and positions too.
+            if aborted && !inner.assigned.is_empty() {
+                inner.needs_rewind = true;
+            }
         }
     }
 
@@ -347,6 +356,9 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
 fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
     let timeout = shared.params.txn_call_timeout;
     warn!(why, records = inner.batch.records, "aborting transaction");
+    // Bounded by the transaction timeout: after it the coordinator aborts on
+    // its own, and a fresh producer (same transactional id) fences the rest.
+    let end = Instant::now() + shared.params.transaction_timeout;
     let mut attempts = 0u32;
     while let Some(producer) = inner.producer.as_ref() {
         match producer.abort_transaction(timeout) {
@@ -354,13 +366,15 @@ fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
             Err(e) => {
                 attempts += 1;
                 match classify(&e) {
-                    Recovery::Retry | Recovery::Abort if attempts < 30 => {
+                    Recovery::Retry | Recovery::Abort
+                        if Instant::now() < end && !shared.stop.load(Ordering::Relaxed) =>
+                    {
                         warn!(error = %e, attempts, "abort_transaction failed, retrying");
                         std::thread::sleep(backoff(attempts));
                     }
                     _ => {
                         warn!(error = %e, "abort_transaction failed; recreating the producer");
-                        inner.producer = None;
+                        drop_producer(inner);
                         break;
                     }
                 }
@@ -374,6 +388,14 @@ fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
         .transactions
         .with_label_values(&["aborted"])
         .inc();
+}
+
+/// Drops the producer without waiting for its queue (its transaction is
+/// being abandoned); the next loop iteration creates a new one.
+fn drop_producer<T>(inner: &mut Inner<T>) {
+    if let Some(p) = inner.producer.take() {
+        p.purge(PurgeConfig::default().queue().inflight());
+    }
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -532,7 +554,7 @@ impl<T: Transform + 'static> Job<T> {
         })
     }
 
-    fn run_loop(self) -> Result<RunSummary, StreamError> {
+    fn run_loop(mut self) -> Result<RunSummary, StreamError> {
         let shared = self.shared.clone();
         let p = &shared.params;
         loop {
@@ -574,8 +596,19 @@ impl<T: Transform + 'static> Job<T> {
                 }
                 Some(Err(e)) => {
                     debug!(error = %e, "consumer error");
+                    if self.consumer.client().fatal_error().is_some() {
+                        drop(inner);
+                        self.recreate_consumer()?;
+                        continue;
+                    }
                 }
-                None => {}
+                None => {
+                    if self.consumer.client().fatal_error().is_some() {
+                        drop(inner);
+                        self.recreate_consumer()?;
+                        continue;
+                    }
+                }
             }
             let due = inner.batch.open
                 && (inner.batch.records as usize >= p.batch_max_records
@@ -598,6 +631,40 @@ impl<T: Transform + 'static> Job<T> {
         info!(?summary, "stopped");
         drop(self.consumer);
         Ok(summary)
+    }
+
+    /// Replaces a consumer that hit a fatal error (e.g. a static member
+    /// fenced after a coordinator failover): abort the open transaction,
+    /// forget all partitions, and join the group again with a new client.
+    fn recreate_consumer(&mut self) -> Result<(), StreamError> {
+        let shared = self.shared.clone();
+        let (code, reason) = self
+            .consumer
+            .client()
+            .fatal_error()
+            .unwrap_or((RDKafkaErrorCode::Fail, String::new()));
+        warn!(%code, reason, "consumer hit a fatal error; recreating it");
+        {
+            let mut inner = shared.lock();
+            if inner.batch.open {
+                abort_open(&shared, &mut inner, "consumer fatal error");
+            }
+            let parts: Vec<i32> = inner.assigned.iter().copied().collect();
+            for part in parts {
+                inner.transform.forget_partition(part);
+            }
+            inner.assigned.clear();
+            inner.needs_rewind = false;
+        }
+        let consumer: BaseConsumer<Ctx<T>> =
+            consumer_config(&shared.params).create_with_context(Ctx {
+                shared: shared.clone(),
+            })?;
+        consumer.subscribe(&[&shared.params.telemetry_topic])?;
+        // The old client is dropped (closed) without holding the lock: its
+        // close may run the revoke callback.
+        drop(std::mem::replace(&mut self.consumer, consumer));
+        Ok(())
     }
 
     /// Processes one record inside the open (or a new) transaction.
@@ -640,49 +707,37 @@ impl<T: Transform + 'static> Job<T> {
             }
         };
         let producer = inner.producer.as_ref().expect("producer present");
+        let (mut alerts, mut dlq, mut other) = (0u64, 0u64, 0u64);
         for o in &outputs {
-            let topic = match &o.topic {
-                Topic::Alerts => p.alerts_topic.as_str(),
-                Topic::Dlq => p.dlq_topic.as_str(),
-                Topic::Named(n) => n.as_str(),
+            let sent_as = match produce_output(producer, p, &rec, o) {
+                Ok(()) => o.topic.clone(),
+                // A record the client refuses outright (too large, unknown
+                // topic) would fail every replay: dead-letter the input
+                // instead of aborting forever.
+                Err(KafkaError::MessageProduction(code))
+                    if o.topic != Topic::Dlq && rejects_record(code) =>
+                {
+                    warn!(partition = rec.partition, offset = rec.offset, %code, "output rejected; input to DLQ");
+                    let d = Output::dlq(
+                        rec.key,
+                        rec.payload,
+                        format!("output to {:?} rejected: {code}", o.topic),
+                    );
+                    produce_output(producer, p, &rec, &d)?;
+                    Topic::Dlq
+                }
+                Err(e) => return Err(e),
             };
-            let mut record = BaseRecord::to(topic)
-                .key(&o.key[..])
-                .payload(&o.payload[..]);
-            let is_dlq = o.topic == Topic::Dlq;
-            // Headers cost a C allocation per record: only when there are some.
-            if !o.headers.is_empty() || is_dlq {
-                let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 3);
-                for (k, v) in &o.headers {
-                    headers = headers.insert(Header {
-                        key: k,
-                        value: Some(v),
-                    });
-                }
-                if is_dlq {
-                    let part = rec.partition.to_string();
-                    let off = rec.offset.to_string();
-                    headers = headers
-                        .insert(Header {
-                            key: DLQ_SOURCE_TOPIC,
-                            value: Some(&p.telemetry_topic),
-                        })
-                        .insert(Header {
-                            key: DLQ_SOURCE_PARTITION,
-                            value: Some(&part),
-                        })
-                        .insert(Header {
-                            key: DLQ_SOURCE_OFFSET,
-                            value: Some(&off),
-                        });
-                    inner.batch.dlq += 1;
-                }
-                record = record.headers(headers);
+            match sent_as {
+                Topic::Alerts => alerts += 1,
+                Topic::Dlq => dlq += 1,
+                Topic::Named(_) => other += 1,
             }
-            send_blocking(producer, record)?;
         }
         let b = &mut inner.batch;
-        b.outputs += outputs.len() as u64;
+        b.alerts += alerts;
+        b.dlq += dlq;
+        b.other += other;
         b.records += 1;
         b.offsets.insert(rec.partition, rec.offset + 1);
         if let Some(k) = rec.key {
@@ -728,7 +783,7 @@ impl<T: Transform + 'static> Job<T> {
                 .group_metadata()
                 .ok_or(KafkaError::Global(RDKafkaErrorCode::State))?;
             let t_offsets = Instant::now();
-            retry_call(&shared.stop, || {
+            retry_call(&shared.stop, p.transaction_timeout, || {
                 producer.send_offsets_to_transaction(&tpl, &gm, p.txn_call_timeout)
             })?;
             let t_commit = Instant::now();
@@ -737,7 +792,7 @@ impl<T: Transform + 'static> Job<T> {
             // delivery reports, so wait for them here at a finer grain and
             // the flush inside commit_transaction finds nothing left to do.
             wait_delivered(producer, p.txn_call_timeout);
-            retry_call(&shared.stop, || {
+            retry_call(&shared.stop, p.transaction_timeout, || {
                 producer.commit_transaction(p.txn_call_timeout)
             })?;
             let t_done = Instant::now();
@@ -758,7 +813,11 @@ impl<T: Transform + 'static> Job<T> {
                 let b = std::mem::take(&mut inner.batch);
                 let m = &shared.metrics;
                 m.records_in.inc_by(b.records);
-                m.records_out.with_label_values(&["all"]).inc_by(b.outputs);
+                m.records_out
+                    .with_label_values(&["alerts"])
+                    .inc_by(b.alerts);
+                m.records_out.with_label_values(&["dlq"]).inc_by(b.dlq);
+                m.records_out.with_label_values(&["other"]).inc_by(b.other);
                 m.dlq.inc_by(b.dlq);
                 m.transactions.with_label_values(&["committed"]).inc();
                 if let Some(s) = b.started {
@@ -774,7 +833,7 @@ impl<T: Transform + 'static> Job<T> {
                 }
                 let s = &mut inner.summary;
                 s.records_in += b.records;
-                s.records_out += b.outputs;
+                s.records_out += b.alerts + b.dlq + b.other;
                 s.dlq += b.dlq;
                 s.committed += 1;
                 if s.committed == 1 {
@@ -796,9 +855,12 @@ impl<T: Transform + 'static> Job<T> {
     /// Recovers from a failed produce/commit: abort (or recreate the
     /// producer) and rewind.
     fn fail(&self, inner: &mut Inner<T>, e: &KafkaError) {
-        if classify(e) == Recovery::Recreate {
-            warn!(error = %e, "producer unusable; recreating it");
-            inner.producer = None;
+        // Recreate when the producer is unusable, and also when a call kept
+        // timing out: a stuck coordinator connection does not heal by
+        // retrying on the same client (seen after a broker restart).
+        if matches!(classify(e), Recovery::Recreate | Recovery::Retry) {
+            warn!(error = %e, "recreating the transactional producer");
+            drop_producer(inner);
             inner.batch = Batch::default();
             inner.summary.aborted += 1;
             self.shared
@@ -857,6 +919,65 @@ impl<T: Transform + 'static> Job<T> {
     }
 }
 
+/// Produces one output; DLQ outputs get the source headers.
+fn produce_output(
+    producer: &TxnProducer,
+    p: &StreamParams,
+    rec: &Record<'_>,
+    o: &Output,
+) -> Result<(), KafkaError> {
+    let topic = match &o.topic {
+        Topic::Alerts => p.alerts_topic.as_str(),
+        Topic::Dlq => p.dlq_topic.as_str(),
+        Topic::Named(n) => n.as_str(),
+    };
+    let mut record = BaseRecord::to(topic)
+        .key(&o.key[..])
+        .payload(&o.payload[..]);
+    let is_dlq = o.topic == Topic::Dlq;
+    // Headers cost a C allocation per record: only when there are some.
+    if !o.headers.is_empty() || is_dlq {
+        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 3);
+        for (k, v) in &o.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        if is_dlq {
+            let part = rec.partition.to_string();
+            let off = rec.offset.to_string();
+            headers = headers
+                .insert(Header {
+                    key: DLQ_SOURCE_TOPIC,
+                    value: Some(&p.telemetry_topic),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_PARTITION,
+                    value: Some(&part),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_OFFSET,
+                    value: Some(&off),
+                });
+        }
+        record = record.headers(headers);
+    }
+    send_blocking(producer, record)
+}
+
+/// Client-side rejections that will recur on every replay of the record.
+fn rejects_record(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::InvalidArgument
+    )
+}
+
 /// Produces, waiting while the local queue is full (bounded memory).
 fn send_blocking(
     producer: &TxnProducer,
@@ -886,15 +1007,19 @@ fn wait_delivered(producer: &TxnProducer, timeout: Duration) {
 /// retries run out.
 fn retry_call(
     stop: &AtomicBool,
+    budget: Duration,
     mut f: impl FnMut() -> Result<(), KafkaError>,
 ) -> Result<(), KafkaError> {
+    // Past the transaction timeout the coordinator has aborted the
+    // transaction anyway: stop retrying and let the caller recreate.
+    let end = Instant::now() + budget;
     let mut attempt = 0u32;
     loop {
         match f() {
             Ok(()) => return Ok(()),
             Err(e)
                 if classify(&e) == Recovery::Retry
-                    && attempt < 20
+                    && Instant::now() < end
                     && !(stop.load(Ordering::Relaxed) && attempt > 3) =>
             {
                 attempt += 1;

@@ -33,9 +33,10 @@ fn broker_restart_mid_stream_loses_nothing() {
     let n = 12_000;
     let ins = inputs("", n, 50);
     let (first, second) = ins.split_at(n / 2);
-    let p = producer();
-    produce(&p, &names.telemetry, first);
-    flush(&p);
+    let mut feeder = TxnFeeder::new(&format!("{}-feeder", names.group));
+    for chunk in first.chunks(500) {
+        feeder.send_chunk(&names.telemetry, chunk);
+    }
 
     let mut job = spawn_job(&cfg, "r0", &log);
     let mut c = Collector::new(&names.alerts, parts);
@@ -44,11 +45,10 @@ fn broker_restart_mid_stream_loses_nothing() {
     let tel = names.telemetry.clone();
     let second = second.to_vec();
     let feeder = std::thread::spawn(move || {
-        for chunk in second.chunks(500) {
-            produce(&p, &tel, chunk);
+        for chunk in second.chunks(250) {
+            feeder.send_chunk(&tel, chunk);
             std::thread::sleep(Duration::from_millis(20));
         }
-        flush(&p);
     });
     let t0 = Instant::now();
     let st = Command::new(&script)

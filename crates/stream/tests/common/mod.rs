@@ -401,38 +401,116 @@ pub fn assert_exactly_once(expected: &BTreeMap<Vec<u8>, Vec<Vec<u8>>>, outputs: 
     );
 }
 
+/// A job process that is SIGKILLed when dropped (a failing test must not
+/// leave it running).
+pub struct JobProc(pub Child);
+
+impl Drop for JobProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Spawns the example job binary.
-pub fn spawn_job(config: &Path, instance: &str, log: &Path) -> Child {
+pub fn spawn_job(config: &Path, instance: &str, log: &Path) -> JobProc {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_stream-echo"))
-        .arg("--config")
-        .arg(config)
-        .arg("--instance-id")
-        .arg(instance)
-        .env("RUST_LOG", "info,librdkafka=warn")
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .expect("spawn stream-echo")
+    JobProc(
+        Command::new(env!("CARGO_BIN_EXE_stream-echo"))
+            .arg("--config")
+            .arg(config)
+            .arg("--instance-id")
+            .arg(instance)
+            .env("RUST_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn stream-echo"),
+    )
 }
 
-pub fn sigkill(child: &mut Child) {
-    child.kill().unwrap(); // SIGKILL on unix
-    child.wait().unwrap();
+pub fn sigkill(job: &mut JobProc) {
+    job.0.kill().unwrap(); // SIGKILL on unix
+    job.0.wait().unwrap();
 }
 
-pub fn sigterm_and_wait(child: &mut Child, deadline: Duration) -> std::process::ExitStatus {
+/// Produces input chunks exactly once even across a broker restart: each
+/// chunk is one transaction; a failed chunk is aborted (invisible to the
+/// read_committed job) and sent again, recreating the producer (same
+/// transactional id, which fences the old one) when it is stuck.
+pub struct TxnFeeder {
+    id: String,
+    producer: Option<ThreadedProducer<rdkafka::producer::DefaultProducerContext>>,
+}
+
+impl TxnFeeder {
+    pub fn new(id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            producer: None,
+        }
+    }
+
+    fn producer(&mut self) -> &ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+        if self.producer.is_none() {
+            let p: ThreadedProducer<_> = ClientConfig::new()
+                .set("bootstrap.servers", bootstrap())
+                .set("transactional.id", &self.id)
+                .set("linger.ms", "5")
+                .create()
+                .unwrap();
+            let end = Instant::now() + Duration::from_secs(120);
+            while let Err(e) = p.init_transactions(Duration::from_secs(10)) {
+                assert!(Instant::now() < end, "feeder init_transactions: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            self.producer = Some(p);
+        }
+        self.producer.as_ref().unwrap()
+    }
+
+    pub fn send_chunk(&mut self, topic: &str, recs: &[(Vec<u8>, Vec<u8>)]) {
+        let end = Instant::now() + Duration::from_secs(180);
+        loop {
+            assert!(
+                Instant::now() < end,
+                "feeder could not deliver a chunk in 180s"
+            );
+            let p = self.producer();
+            let attempt = (|| -> Result<(), rdkafka::error::KafkaError> {
+                p.begin_transaction()?;
+                produce(p, topic, recs);
+                p.commit_transaction(Duration::from_secs(20))
+            })();
+            match attempt {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!("feeder: chunk failed ({e}); retrying with a fresh producer");
+                    if let Some(p) = self.producer.take() {
+                        let _ = p.abort_transaction(Duration::from_secs(5));
+                        p.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+pub fn sigterm_and_wait(job: &mut JobProc, deadline: Duration) -> std::process::ExitStatus {
     // SAFETY: plain kill(2) on a child pid we own.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(job.0.id() as i32, libc::SIGTERM);
     }
     let end = Instant::now() + deadline;
     loop {
-        if let Some(st) = child.try_wait().unwrap() {
+        if let Some(st) = job.0.try_wait().unwrap() {
             return st;
         }
         assert!(
