@@ -429,6 +429,10 @@ fn restore_state<T: Transform>(
     for &part in parts {
         tpl.add_partition_offset(&p.state_topic, part, Offset::Beginning)?;
     }
+    // Learn the partition leaders first: assigning with unknown leaders
+    // makes librdkafka retry the BEGINNING offset lookup on a fixed 500 ms
+    // timer, which was most of the restore time.
+    consumer.fetch_metadata(Some(&p.state_topic), p.txn_call_timeout)?;
     consumer.assign(&tpl)?;
     let mut pending: BTreeSet<i32> = parts.iter().copied().collect();
     let deadline = Instant::now() + Duration::from_secs(120);
