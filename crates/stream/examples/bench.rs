@@ -297,6 +297,40 @@ async fn main() {
         steady / ceiling
     );
 
+    // Phase 3b (stateful): restart the job on the same group and measure
+    // how long restoring the whole state topic takes (recovery time).
+    if args.stateful {
+        let metrics = Metrics::new();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let t0 = Instant::now();
+        let job = tokio::spawn(run_with_metrics(
+            params.clone(),
+            EchoUpper::new(),
+            async {
+                let _ = rx.await;
+            },
+            metrics.clone(),
+        ));
+        while metrics.restore_seconds.get_sample_count() == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(300), "restore did not finish");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let restore_s = metrics.restore_seconds.get_sample_sum();
+        let to_restored = t0.elapsed().as_secs_f64();
+        tx.send(()).unwrap();
+        job.await.unwrap().expect("job");
+        let c = reader(&bootstrap, &params.state_topic, args.partitions, &consumer_extra);
+        let mut state_records = 0i64;
+        for part in 0..args.partitions {
+            let (lo, hi) = c.fetch_watermarks(&params.state_topic, part, Duration::from_secs(10)).unwrap();
+            state_records += hi - lo;
+        }
+        println!(
+            "state restore:      {restore_s:.2}s for a state topic of ~{state_records} records (incl. txn markers) over {} partitions; job start -> restored {to_restored:.2}s",
+            args.partitions
+        );
+    }
+
     // Phase 4: latency under a paced load.
     let lparams = config_for(&args, "lat", &bootstrap);
     ensure(&lparams).await;
