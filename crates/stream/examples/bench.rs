@@ -312,17 +312,27 @@ async fn main() {
             metrics.clone(),
         ));
         while metrics.restore_seconds.get_sample_count() == 0 {
-            assert!(t0.elapsed() < Duration::from_secs(300), "restore did not finish");
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "restore did not finish"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let restore_s = metrics.restore_seconds.get_sample_sum();
         let to_restored = t0.elapsed().as_secs_f64();
         tx.send(()).unwrap();
         job.await.unwrap().expect("job");
-        let c = reader(&bootstrap, &params.state_topic, args.partitions, &consumer_extra);
+        let c = reader(
+            &bootstrap,
+            &params.state_topic,
+            args.partitions,
+            &consumer_extra,
+        );
         let mut state_records = 0i64;
         for part in 0..args.partitions {
-            let (lo, hi) = c.fetch_watermarks(&params.state_topic, part, Duration::from_secs(10)).unwrap();
+            let (lo, hi) = c
+                .fetch_watermarks(&params.state_topic, part, Duration::from_secs(10))
+                .unwrap();
             state_records += hi - lo;
         }
         println!(

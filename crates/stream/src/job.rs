@@ -271,18 +271,17 @@ impl<T: Transform> ClientContext for Ctx<T> {
                 } else {
                     part.hi_offset
                 };
-                if end >= 0 && part.app_offset >= 0 {
+                // Position: last record handed to the job, else the committed
+                // offset, else the log start (nothing consumed yet).
+                let pos = [part.app_offset, part.committed_offset, part.lo_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0);
+                if let (true, Some(pos)) = (end >= 0, pos) {
                     self.shared
                         .metrics
                         .consumer_lag
                         .with_label_values(&[&id.to_string()])
-                        .set(end - part.app_offset);
-                } else if end >= 0 && part.committed_offset >= 0 {
-                    self.shared
-                        .metrics
-                        .consumer_lag
-                        .with_label_values(&[&id.to_string()])
-                        .set(end - part.committed_offset);
+                        .set((end - pos).max(0));
                 }
             }
         }

@@ -218,3 +218,40 @@ pub async fn serve_metrics(
     });
     Ok((bound, task))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_metrics_over_http() {
+        let m = Metrics::new();
+        m.records_in.inc_by(7);
+        m.dlq.inc();
+        let (addr, task) = serve_metrics("127.0.0.1:0".parse().unwrap(), m)
+            .await
+            .unwrap();
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut body = String::new();
+            s.read_to_string(&mut body).await.unwrap();
+            body
+        };
+        let body = get("/metrics").await;
+        assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+        assert!(
+            body.contains("waterbear_stream_records_in_total 7"),
+            "{body}"
+        );
+        assert!(body.contains("waterbear_stream_dlq_total 1"), "{body}");
+        assert!(
+            body.contains("# TYPE waterbear_stream_batch_latency_seconds histogram"),
+            "{body}"
+        );
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+        task.abort();
+    }
+}
