@@ -92,7 +92,7 @@ fetch() {
 </project>
 EOF
     rm -rf "$LIBS.tmp"
-    mvn -B -q -f "$KAFKA_HOME/pom.xml" -Dmaven.repo.local="$CACHE_ROOT/m2" \
+    mvn -B -q -Dstyle.color=never -f "$KAFKA_HOME/pom.xml" -Dmaven.repo.local="$CACHE_ROOT/m2" \
         org.apache.maven.plugins:maven-dependency-plugin:3.8.1:copy-dependencies \
         -DincludeScope=runtime -DoutputDirectory="$LIBS.tmp" >&2 \
         || die "mvn failed to fetch Kafka $KAFKA_VERSION"
