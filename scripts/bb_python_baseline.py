@@ -60,7 +60,9 @@ def features(lf: pl.LazyFrame) -> pl.LazyFrame:
 FEATS = []
 for k in CRIT:
     FEATS += [f"smart_{k}", f"smart_{k}_delta", f"smart_{k}_rise_w", f"smart_{k}_hours_since_rise"]
-FEATS += ["smart_crit_any", "smart_crit_rose", "smart_crit_rise_w", "smart_9", "smart_194_ewma", "dt_hours", "records_seen"]
+FEATS += ["smart_crit_any", "smart_crit_rose", "smart_crit_rise_w", "smart_9", "smart_194_ewma"]
+# like the Rust forest: without dt_hours and records_seen (they describe the observation
+# window, not the drive; records_seen in the test period lies beyond its training range)
 
 
 def labelled(df: pl.DataFrame, end: dt.date) -> pl.DataFrame:
@@ -108,7 +110,7 @@ def main():
     ap.add_argument("--trees", type=int, default=40)
     ap.add_argument("--neg", type=int, default=60_000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--target-far", type=float, default=0.006)
+    ap.add_argument("--target-far", type=float, default=0.008)
     args = ap.parse_args()
     t0 = time.perf_counter()
     df = features(pl.scan_parquet(args.data)).collect()
@@ -119,7 +121,7 @@ def main():
 
     def fit(end):
         s = sample(labelled(df, end), args.neg, args.seed)
-        m = RandomForestClassifier(n_estimators=args.trees, max_depth=10, min_samples_leaf=5, n_jobs=2, random_state=args.seed)
+        m = RandomForestClassifier(n_estimators=args.trees, max_depth=8, min_samples_leaf=5, max_samples=0.6, max_features=0.6, n_jobs=2, random_state=args.seed)
         m.fit(X(s), s["label"].to_numpy())
         return m
     # threshold: a model fitted on data up to Feb 28 scores Mar-Apr (a period as long as the test)
@@ -135,7 +137,6 @@ def main():
     fdr, far, lead = evaluate(df, alarms, DAY(2018, 5, 1), DAY(2018, 6, 30))
     t3 = time.perf_counter()
     print(f"threshold={thr:.4f} validation May-Jun: FDR={fdr:.3f} FAR={far:.4f} median_lead={lead}")
-    # diagnostic only: FDR at the best threshold for FAR<=1% on test
     print(f"timings_s features={t1-t0:.2f} train={t2-t1:.2f} evaluate={t3-t2:.2f} total={t3-t0:.2f}")
 
 

@@ -1,6 +1,9 @@
 //! Backblaze SMART data: loading, the polars feature pipeline, labels, the reference
 //! rules and the protocol's evaluation (`../shared/specs/backblaze-protocol.md`).
 
+// Rows index several parallel columns (drive, date, failure, counters, alarms).
+#![allow(clippy::needless_range_loop)]
+
 use std::path::Path;
 
 use polars::prelude::*;
@@ -509,7 +512,7 @@ pub fn evaluate_alarms(
         let k = data.drive[i] as usize;
         match fdate[k] {
             Some(f) => {
-                if d <= f - 1 && d >= f - h {
+                if d < f && d >= f - h {
                     first_hit[k] = Some(first_hit[k].map_or(d, |x: Day| x.min(d)));
                 }
             }
@@ -620,7 +623,7 @@ pub fn drive_maxima(
         }
         let k = data.drive[i] as usize;
         let counts = match fdate[k] {
-            Some(f) => d <= f - 1 && d >= f - horizon as i32,
+            Some(f) => d < f && d >= f - horizon as i32,
             None => true,
         };
         if counts {

@@ -219,7 +219,7 @@ fn check_bb(b: &BackblazeSection) -> Result<BbParams, String> {
     if !(1..=30).contains(&b.max_depth) {
         return Err(bad("backblaze.max_depth", b.max_depth, "1..=30"));
     }
-    if !(b.min_leaf >= 1.0) {
+    if b.min_leaf.is_nan() || b.min_leaf < 1.0 {
         return Err(bad("backblaze.min_leaf", b.min_leaf, "at least 1"));
     }
     unit(

@@ -486,12 +486,13 @@ pub fn evaluate_backblaze(opts: &BbEvalOptions) -> Result<BbReport, TrainError> 
     let to = day(&opts.to, hi, "to")?;
     let mut periods = vec![(from, to)];
     // the artifact's validation period, when it lies inside the data and differs
-    if let Some((a, b)) = artifact.validation.period.split_once("..") {
-        if let (Some(a), Some(b)) = (parse_day(a), parse_day(b)) {
-            if a >= lo && b <= hi && (a, b) != (from, to) {
-                periods.push((a, b));
-            }
-        }
+    if let Some((a, b)) = artifact.validation.period.split_once("..")
+        && let (Some(a), Some(b)) = (parse_day(a), parse_day(b))
+        && a >= lo
+        && b <= hi
+        && (a, b) != (from, to)
+    {
+        periods.push((a, b));
     }
     let name = format!("{} {}", artifact.name, artifact.version);
     let mut rows = Vec::new();

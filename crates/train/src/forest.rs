@@ -104,7 +104,7 @@ impl ParamGuard for ForestParams {
         if p.max_depth == 0 {
             return bad("max_depth must be at least 1".into());
         }
-        if !(p.min_leaf >= 1.0) {
+        if p.min_leaf.is_nan() || p.min_leaf < 1.0 {
             return bad(format!("min_leaf = {} must be at least 1", p.min_leaf));
         }
         for (n, v) in [
@@ -218,8 +218,7 @@ impl Fit<Array2<f64>, Array1<usize>, TrainError> for ForestValidParams {
             bar.inc(1);
             Ok((tree, imp))
         };
-        let mut out: Vec<Option<Result<(Tree, Vec<f64>), TrainError>>> =
-            (0..self.trees).map(|_| None).collect();
+        let mut out: Vec<Option<FittedTree>> = (0..self.trees).map(|_| None).collect();
         std::thread::scope(|s| {
             let (even, odd): (Vec<_>, Vec<_>) =
                 out.iter_mut().enumerate().partition(|(i, _)| i % 2 == 0);
@@ -248,6 +247,9 @@ impl Fit<Array2<f64>, Array1<usize>, TrainError> for ForestValidParams {
     }
 }
 
+/// A fitted tree and its per-feature importance, or why it failed.
+type FittedTree = Result<(Tree, Vec<f64>), TrainError>;
+
 fn flatten(node: &TreeNode<f64, usize>, feats: &[usize], t: &mut Tree) -> u32 {
     let i = t.feature.len();
     t.feature.push(0);
@@ -261,8 +263,9 @@ fn flatten(node: &TreeNode<f64, usize>, feats: &[usize], t: &mut Tree) -> u32 {
     if !node.is_leaf() {
         let (f, split, _) = node.split();
         let ch = node.children();
-        match (ch[0].as_deref(), ch[1].as_deref()) {
-            (Some(l), Some(r)) => {
+        // linfa never leaves one child empty; a node that did would stay a leaf
+        if let (Some(l), Some(r)) = (ch[0].as_deref(), ch[1].as_deref()) {
+            {
                 let li = flatten(l, feats, t);
                 let ri = flatten(r, feats, t);
                 t.feature[i] = feats[f] as u32;
@@ -271,8 +274,6 @@ fn flatten(node: &TreeNode<f64, usize>, feats: &[usize], t: &mut Tree) -> u32 {
                 t.right[i] = ri;
                 t.value[i] = 0.0;
             }
-            // linfa never leaves one child empty; treat it as a leaf if it does
-            _ => {}
         }
     }
     i as u32

@@ -437,8 +437,7 @@ pub fn smd_report(
         .iter()
         .map(|r| r.score)
         .fold(0.0f64, f64::max)
-        .min(50.0)
-        .max(1.0);
+        .clamp(1.0, 50.0);
     hist_png(
         &dir.join("scores.png"),
         "Test scores by label",

@@ -46,10 +46,10 @@ pub fn machines_in(dir: &Path) -> Result<Vec<String>, TrainError> {
     for e in std::fs::read_dir(dir).map_err(TrainError::io(dir))? {
         let e = e.map_err(TrainError::io(dir))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(m) = name.strip_suffix("_train.parquet") {
-            if dir.join(format!("{m}_test.parquet")).exists() {
-                out.push(m.to_string());
-            }
+        if let Some(m) = name.strip_suffix("_train.parquet")
+            && dir.join(format!("{m}_test.parquet")).exists()
+        {
+            out.push(m.to_string());
         }
     }
     out.sort();
@@ -300,7 +300,7 @@ pub fn point_adjust(label: &[i32], pred: &[i32]) -> Vec<i32> {
             while j < n && label[j] == 1 {
                 j += 1;
             }
-            if adj[i..j].iter().any(|&p| p == 1) {
+            if adj[i..j].contains(&1) {
                 adj[i..j].iter_mut().for_each(|p| *p = 1);
             }
             i = j;

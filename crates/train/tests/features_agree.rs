@@ -1,4 +1,6 @@
 //! The polars pipeline and the online `FeatureSet` agree on every SMART feature.
+// Rows index several parallel columns.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 

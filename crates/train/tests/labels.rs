@@ -1,4 +1,6 @@
 //! Labels never look forward past the end of the training period.
+// Rows index several parallel columns.
+#![allow(clippy::needless_range_loop)]
 
 mod common;
 
