@@ -24,8 +24,16 @@
 //! assert_eq!(s.reasons.iter().next().unwrap().feature, Feature::SmartCritRiseW);
 //! ```
 
+mod artifact;
 mod baseline;
 mod detector;
+mod trained;
+
+pub use artifact::{
+    ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, ArtifactError, DataRange, Forest, MachineModel,
+    ModelBody, SmdModel, SmdScorer, Tree, Validation,
+};
 
 pub use baseline::{BaselineConfig, RuleBaseline};
 pub use detector::{Detector, MaxOf, Reason, Reasons, Score, Signature};
+pub use trained::TrainedForest;
