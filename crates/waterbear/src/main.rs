@@ -6,6 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use waterbear::{DemoConfig, DemoOptions, run_demo};
 
+mod train_cmd;
+
 #[derive(Parser)]
 #[command(
     name = "waterbear",
@@ -42,6 +44,15 @@ enum Command {
     },
     /// Run a host agent owning the KVM VMs of this host.
     HostAgent(waterbear_vmm::HostAgentArgs),
+    /// Train a model from history (polars + linfa) and write a versioned artifact.
+    Train(train_cmd::TrainArgs),
+    /// Evaluate models on real data with the published protocols.
+    Evaluate {
+        #[command(subcommand)]
+        what: train_cmd::EvaluateCmd,
+    },
+    /// Score a `timestamp,value` CSV online: writes `timestamp,value,anomaly_score`.
+    Detect(train_cmd::DetectArgs),
 }
 
 fn main() -> Result<()> {
@@ -89,6 +100,9 @@ fn main() -> Result<()> {
             println!("{summary}");
             Ok(())
         }
+        Command::Train(args) => train_cmd::train(args),
+        Command::Evaluate { what } => train_cmd::evaluate(what),
+        Command::Detect(args) => train_cmd::detect(args),
         Command::HostAgent(args) => {
             waterbear_vmm::run_host_agent(args.into_config()).context("host agent failed")?;
             Ok(())
