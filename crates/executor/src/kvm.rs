@@ -589,13 +589,18 @@ impl Backend for KvmBackend {
                         &format!("resolving VM {vm} between {src} and {addr}"),
                         self.opts.settle_timeout,
                         || {
-                            let s = self.lists(&src, &vm)?;
-                            let t = self.lists(&addr, &vm)?;
-                            Ok(match (s, t) {
-                                (Some(s), None) if s.state == RunState::Running => Some(false),
-                                (None, Some(t)) if t.state == RunState::Running => Some(true),
-                                _ => None,
-                            })
+                            // A running source copy is decisive: the source
+                            // fences before COMMIT, so the target never ran it
+                            // (and the target may be unreachable).
+                            match self.lists(&src, &vm)? {
+                                Some(s) if s.state == RunState::Running => return Ok(Some(false)),
+                                Some(_) => return Ok(None),
+                                None => {}
+                            }
+                            Ok(self
+                                .lists(&addr, &vm)?
+                                .filter(|t| t.state == RunState::Running)
+                                .map(|_| true))
                         },
                     )?;
                     if on_target {
