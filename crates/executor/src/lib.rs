@@ -415,6 +415,36 @@ pub(crate) mod tests {
         );
     }
 
+    /// `ExecutionReport` is published (outcomes topic): v1 JSON must still parse
+    /// and the field names must not change.
+    #[test]
+    fn execution_report_json_is_stable() {
+        let v1 = r#"{"decision_id":"d1","host_id":"h1","action":{"kind":"live_migrate"},"started_ms":1,"finished_ms":2,"report":{"vms_moved":3,"mem_moved_mib":4,"vms_frozen":0,"vms_interrupted":0,"healed":null,"duration_ms":1},"error":null}"#;
+        let r: ExecutionReport = serde_json::from_str(v1).unwrap();
+        assert_eq!(r.report.as_ref().unwrap().measured, None);
+        // without measurements the JSON is byte-for-byte the v1 form
+        assert_eq!(serde_json::to_string(&r).unwrap(), v1);
+        let mut m = r.clone();
+        m.report.as_mut().unwrap().measured = Some(Measured {
+            migrations: 1,
+            downtime_max_ms: 1.5,
+            ..Measured::default()
+        });
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""measured":{"wall_ms":0.0,"migrations":1,"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ExecutionReport>(&json).unwrap(), m);
+        // a partial measured object parses (every field has a default)
+        let partial = v1.replace(
+            r#""duration_ms":1}"#,
+            r#""duration_ms":1,"measured":{"freeze_ms":2.0}}"#,
+        );
+        let p: ExecutionReport = serde_json::from_str(&partial).unwrap();
+        assert_eq!(p.report.unwrap().measured.unwrap().freeze_ms, Some(2.0));
+    }
+
     #[test]
     fn reboot_interrupts_and_phase3_freezes() {
         let fleet = Fleet::new(

@@ -221,8 +221,10 @@ fn a_target_that_dies_makes_the_migration_roll_back() {
             vm_prefix: None,
         },
     );
-    let mut opts = KvmOptions::default();
-    opts.settle_timeout = std::time::Duration::from_secs(10);
+    let opts = KvmOptions {
+        settle_timeout: std::time::Duration::from_secs(10),
+        ..KvmOptions::default()
+    };
     let mut ex =
         DurableExecutor::new(j.clone(), KvmBackend::new(map, opts), Keyring::new([key()])).unwrap();
     ex.backoff = fast_backoff();
