@@ -1087,6 +1087,35 @@ mod tests {
         }
     }
 
+    /// Measures one durable step (a redb write transaction with fsync):
+    /// `cargo test -p waterbear-executor --lib -- --ignored --nocapture step_latency`.
+    #[test]
+    #[ignore = "measurement"]
+    fn step_latency() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path().join("j.redb")).unwrap();
+        let e = j.acquire_epoch().unwrap();
+        let mut lat = Vec::new();
+        for i in 0..200 {
+            let (sd, digest) = signed(&format!("op{i}"));
+            let t = std::time::Instant::now();
+            j.begin(e, &sd, &digest).unwrap();
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = std::time::Instant::now();
+            j.record(&format!("op{i}"), e, Step::MarkedOut).unwrap();
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        lat.sort_by(f64::total_cmp);
+        eprintln!(
+            "journal step: median {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} steps, {} ops in the table at the end)",
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            lat[lat.len() - 1],
+            lat.len(),
+            j.ops().unwrap().len()
+        );
+    }
+
     fn signed(id: &str) -> (SignedDecision, String) {
         let key = Key::new("k", *b"0123456789abcdef").unwrap();
         let d = decision("h1", Action::LiveMigrate, id);
