@@ -362,8 +362,8 @@ pub struct TransitionError {
 ///   `committed` -> `source_cleared`; `target_chosen` again (a new target after
 ///   a failed attempt) only before `committed`; `source_resumed` (rollback)
 ///   only before `committed`.
-/// * `phase_completed` needs a `phase_started` of that phase; `vm_started`
-///   needs a `vm_stopped` of that VM.
+/// * `phase_completed` needs a `phase_started` of that phase not yet
+///   completed; `vm_started` needs a `vm_stopped` of that VM.
 /// * `done` needs every touched VM cleared or resumed; `rolled_back` needs no
 ///   VM left between `migration_started` and `source_cleared` (each must be
 ///   resolved first: committed and cleared, or resumed on the source).
@@ -408,13 +408,16 @@ pub fn check_step(prev: &[Step], next: &Step) -> Result<(), TransitionError> {
             p => err(format!("VM {vm} is {p:?}, not committed")),
         },
         Step::PhaseCompleted { phase: ph, .. } => {
-            if prev
-                .iter()
-                .any(|s| matches!(s, Step::PhaseStarted { phase, .. } if phase == ph))
-            {
-                Ok(())
-            } else {
-                err(format!("no phase_started for {ph:?}"))
+            // the latest event of this phase must be its start
+            let last = prev.iter().rev().find_map(|s| match s {
+                Step::PhaseStarted { phase, .. } if phase == ph => Some(true),
+                Step::PhaseCompleted { phase, .. } if phase == ph => Some(false),
+                _ => None,
+            });
+            match last {
+                Some(true) => Ok(()),
+                Some(false) => err(format!("{ph:?} already completed")),
+                None => err(format!("no phase_started for {ph:?}")),
             }
         }
         Step::VmStarted { vm } => {
@@ -1021,6 +1024,17 @@ mod tests {
             .is_err()
         );
         assert!(fold(&[a.clone(), Step::VmStarted { vm: "x".into() }]).is_err());
+        let started = Step::PhaseStarted {
+            phase: Phase::MemoryPreservingReset,
+            generation: 1,
+        };
+        let completed = Step::PhaseCompleted {
+            phase: Phase::MemoryPreservingReset,
+            freeze_us: None,
+            took_us: None,
+        };
+        fold(&[a.clone(), started.clone(), completed.clone()]).unwrap();
+        assert!(fold(&[a.clone(), started, completed.clone(), completed]).is_err());
     }
 
     fn any_step() -> impl Strategy<Value = Step> {

@@ -371,6 +371,18 @@ impl KvmBackend {
             _ => None,
         });
         let vms = self.host_vms(host)?.len() as u32;
+        let completed = op.steps().iter().find_map(|s| match s {
+            Step::PhaseCompleted {
+                phase: p,
+                freeze_us,
+                took_us,
+            } if *p == phase => Some((*freeze_us, *took_us)),
+            _ => None,
+        });
+        if let Some((freeze_us, took_us)) = completed {
+            // Resumed after the phase was recorded: report what was recorded.
+            return Ok(phase_report(phase, vms, t0, freeze_us, took_us));
+        }
         let already = match started {
             None => {
                 let generation = self.generation(&addr)?;
@@ -382,7 +394,6 @@ impl KvmBackend {
         };
         let (mut freeze_us, mut took_us) = (None, None);
         if !already {
-            let mut c = self.client(&addr)?;
             let req = match phase {
                 Phase::RecycleServices => Request::RestartServices,
                 Phase::Diagnostics => Request::Diagnostics {
@@ -392,6 +403,14 @@ impl KvmBackend {
                     verify: self.opts.phase3_verify,
                 },
             };
+            if op.armed("phase_in_flight") {
+                // Crash test: the agent gets the request, the executor dies.
+                if let Ok(mut s) = TcpStream::connect(&addr) {
+                    let _ = PROTOCOL.write_json(&mut s, KIND_REQUEST, &req);
+                }
+                op.point("phase_in_flight");
+            }
+            let mut c = self.client(&addr)?;
             match c.call(&req).map_err(agent_err(&addr, "running a phase"))? {
                 Response::ServicesRestarted { took, .. } => {
                     took_us = Some(took.as_micros() as u64);
@@ -410,19 +429,7 @@ impl KvmBackend {
             freeze_us,
             took_us,
         })?;
-        let frozen = matches!(phase, Phase::MemoryPreservingReset);
-        Ok(OpReport {
-            vms_frozen: if frozen { vms } else { 0 },
-            healed: None,
-            duration_ms: t0.elapsed().as_millis() as i64,
-            measured: Some(Measured {
-                wall_ms: t0.elapsed().as_secs_f64() * 1e3,
-                freeze_ms: freeze_us.map(|u| u as f64 / 1e3),
-                phase_ms: took_us.map(|u| u as f64 / 1e3),
-                ..Measured::default()
-            }),
-            ..OpReport::default()
-        })
+        Ok(phase_report(phase, vms, t0, freeze_us, took_us))
     }
 
     fn reboot_op(&mut self, op: &mut OpLog<'_>, host: &str) -> Result<OpReport, BackendError> {
@@ -494,6 +501,28 @@ impl KvmBackend {
             }),
             ..OpReport::default()
         })
+    }
+}
+
+fn phase_report(
+    phase: Phase,
+    vms: u32,
+    t0: Instant,
+    freeze_us: Option<u64>,
+    took_us: Option<u64>,
+) -> OpReport {
+    let frozen = matches!(phase, Phase::MemoryPreservingReset);
+    OpReport {
+        vms_frozen: if frozen { vms } else { 0 },
+        healed: None,
+        duration_ms: t0.elapsed().as_millis() as i64,
+        measured: Some(Measured {
+            wall_ms: t0.elapsed().as_secs_f64() * 1e3,
+            freeze_ms: freeze_us.map(|u| u as f64 / 1e3),
+            phase_ms: took_us.map(|u| u as f64 / 1e3),
+            ..Measured::default()
+        }),
+        ..OpReport::default()
     }
 }
 

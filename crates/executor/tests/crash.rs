@@ -26,6 +26,17 @@ const POINTS: [&str; 9] = [
     "done",
 ];
 
+fn write_decision(
+    dir: &std::path::Path,
+    i: usize,
+    sd: &waterbear_executor::SignedDecision,
+) -> std::path::PathBuf {
+    let path = dir.join(format!("d{i}.ndjson"));
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{}", serde_json::to_string(sd).unwrap()).unwrap();
+    path
+}
+
 fn run(
     dir: &std::path::Path,
     agents: &[(&str, &AgentProc)],
@@ -145,4 +156,63 @@ fn sigkill_at_every_step_of_a_migration() {
     // one epoch per process: a crashed and a restarted executor per point
     assert_eq!(j.current_epoch().unwrap(), 2 * POINTS.len() as u64);
     assert!(j.rejections().unwrap().is_empty());
+}
+
+/// Tardigrade phase 3 with the executor killed before, during and after the
+/// agent's memory-preserving restart: the phase runs (at least once; a
+/// repeat only costs another freeze), the guest keeps its memory and runs.
+#[test]
+fn sigkill_around_a_phase_3() {
+    let a = AgentProc::spawn();
+    let agents = [("h1", &a)];
+    a.start_vm("vm-p3", 32, 4 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key.hex"), hex::encode(SECRET)).unwrap();
+    let pid = a.child.id();
+    let p3 = Action::Tardigrade {
+        phase: waterbear_policy::Phase::MemoryPreservingReset,
+    };
+    for (i, point) in [
+        "accepted",
+        "phase_started",
+        "phase_in_flight",
+        "phase_completed",
+        "done",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let before = a.find("vm-p3").unwrap().counter;
+        let sd = signed("h1", i as u64 + 1, p3, 1_000);
+        let path = write_decision(dir.path(), i, &sd);
+        let crashed = run(dir.path(), &agents, &path, 1_000, Some(point));
+        assert_eq!(crashed.status.signal(), Some(libc::SIGKILL), "{point}");
+        let rerun = run(dir.path(), &agents, &path, 1_000, None);
+        assert!(
+            rerun.status.success(),
+            "{point}: {}",
+            String::from_utf8_lossy(&rerun.stderr)
+        );
+        runs_exactly_once(&[&a], "vm-p3");
+        // memory kept: the guest counter continued rather than restarting
+        assert!(a.find("vm-p3").unwrap().counter > before, "{point}");
+        let j = Journal::open(dir.path().join("journal.redb")).unwrap();
+        let op = j.op(&sd.decision.id).unwrap().unwrap();
+        assert_eq!(
+            op.status(),
+            OpStatus::Done,
+            "{point}: {:?}",
+            op.step_names()
+        );
+        let m = op.report.clone().unwrap().report.unwrap().measured.unwrap();
+        eprintln!(
+            "{point}: {:?}; freeze {:?} ms",
+            op.step_names(),
+            m.freeze_ms
+        );
+    }
+    // phase 3 re-executes the agent in place: same process throughout
+    assert_eq!(a.child.id(), pid);
+    let j = Journal::open(dir.path().join("journal.redb")).unwrap();
+    assert!(j.audit(true).unwrap().is_empty());
 }
