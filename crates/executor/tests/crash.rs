@@ -44,6 +44,18 @@ fn run(
     now_ms: i64,
     crash_after: Option<&str>,
 ) -> Output {
+    command(dir, agents, decisions, now_ms, crash_after)
+        .output()
+        .unwrap()
+}
+
+fn command(
+    dir: &std::path::Path,
+    agents: &[(&str, &AgentProc)],
+    decisions: &std::path::Path,
+    now_ms: i64,
+    crash_after: Option<&str>,
+) -> Command {
     let mut cmd = Command::new(EXE);
     cmd.arg("run")
         .arg("--journal")
@@ -59,7 +71,7 @@ fn run(
     if let Some(p) = crash_after {
         cmd.args(["--crash-after", p]);
     }
-    cmd.output().unwrap()
+    cmd
 }
 
 #[test]
@@ -214,5 +226,68 @@ fn sigkill_around_a_phase_3() {
     // phase 3 re-executes the agent in place: same process throughout
     assert_eq!(a.child.id(), pid);
     let j = Journal::open(dir.path().join("journal.redb")).unwrap();
+    assert!(j.audit(true).unwrap().is_empty());
+}
+
+/// Two executor processes on one journal: the first is overtaken while
+/// paused after preparing the target; the second resumes and completes the
+/// migration; when the first wakes up, its next step is refused and recorded,
+/// and it exits without touching the VM.
+#[test]
+fn an_overtaken_executor_process_is_fenced() {
+    use std::io::{BufRead, BufReader};
+    let (a, b) = (AgentProc::spawn(), AgentProc::spawn());
+    let agents = [("h1", &a), ("h2", &b)];
+    a.start_vm("vm-fence2", 16, 2 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("key.hex"), hex::encode(SECRET)).unwrap();
+    let sd = signed("h1", 1, Action::LiveMigrate, 1_000);
+    let path = write_decision(dir.path(), 0, &sd);
+
+    let mut first = command(dir.path(), &agents, &path, 1_000, None)
+        .args(["--pause-after", "target_prepared"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(first.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("paused after target_prepared") {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "first executor ended early"
+        );
+    }
+    // the journal is open in both processes now (redb multi-writer mode)
+    {
+        let j = Journal::open(dir.path().join("journal.redb")).unwrap();
+        assert_eq!(j.current_epoch().unwrap(), 1);
+    }
+    let second = run(dir.path(), &agents, &path, 1_000, None);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    assert_eq!(runs_exactly_once(&[&a, &b], "vm-fence2"), 1);
+
+    writeln!(first.stdin.take().unwrap()).unwrap();
+    let status = first.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert!(!status.success(), "the stale executor must fail");
+    assert!(rest.contains("fenced"), "{rest}");
+    // still exactly one copy, on the second executor's target
+    assert_eq!(runs_exactly_once(&[&a, &b], "vm-fence2"), 1);
+    let j = Journal::open(dir.path().join("journal.redb")).unwrap();
+    let rej = j.rejections().unwrap();
+    assert_eq!(rej.len(), 1, "{rej:?}");
+    assert_eq!((rej[0].kind.as_str(), rej[0].epoch), ("stale_epoch", 1));
+    let op = j.op(&sd.decision.id).unwrap().unwrap();
+    assert_eq!(op.status(), OpStatus::Done);
+    let epochs: Vec<u64> = op.steps.iter().map(|s| s.epoch).collect();
+    assert_eq!(epochs, [1, 1, 1, 2, 2, 2, 2, 2]);
     assert!(j.audit(true).unwrap().is_empty());
 }

@@ -3,7 +3,8 @@
 //! * `run`: resume every unfinished operation of the journal, then execute the
 //!   signed decisions of a file (NDJSON of `SignedDecision`), printing one
 //!   `ExecutionReport` per line. `--crash-after STEP` kills the process with
-//!   SIGKILL right after STEP is durable (crash tests).
+//!   SIGKILL right after STEP is durable (crash tests); `--pause-after STEP`
+//!   waits for a line on stdin there (fencing tests).
 //! * `sign`: sign a decision (JSON on stdin) as the policy side does.
 //! * `journal`: dump the journal (operations, rejections, audit) as JSON.
 //! * `host-agent`: run a host agent (the same as `waterbear host-agent`), so
@@ -74,8 +75,12 @@ enum Command {
         #[arg(long, default_value_t = 300_000)]
         freshness_ms: i64,
         /// Kill this process with SIGKILL right after this step is recorded.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "pause_after")]
         crash_after: Option<String>,
+        /// Stop right after this step is recorded until a line arrives on
+        /// stdin (fencing tests: another executor takes over meanwhile).
+        #[arg(long)]
+        pause_after: Option<String>,
         /// Have migrations compare guest-memory CRCs on both sides.
         #[arg(long)]
         verify_checksum: bool,
@@ -131,6 +136,12 @@ fn sigkill_self(point: &str) {
     }
 }
 
+fn pause_until_stdin(point: &str) {
+    eprintln!("wb-executor: paused after {point}");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+}
+
 fn main() -> Result<()> {
     tracing_subscriber_init();
     let cli = Cli::parse();
@@ -166,6 +177,7 @@ fn main() -> Result<()> {
             now_ms,
             freshness_ms,
             crash_after,
+            pause_after,
             verify_checksum,
             max_attempts,
             backoff_ms,
@@ -181,7 +193,11 @@ fn main() -> Result<()> {
                 max_attempts,
                 ..Backoff::default()
             };
-            exec.set_crash_point(crash_after, sigkill_self);
+            if pause_after.is_some() {
+                exec.set_crash_point(pause_after, pause_until_stdin);
+            } else {
+                exec.set_crash_point(crash_after, sigkill_self);
+            }
             eprintln!("wb-executor: epoch {}", exec.epoch());
             let accept = |_: &str| true;
             let mut out = std::io::stdout().lock();
