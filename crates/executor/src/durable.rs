@@ -210,6 +210,33 @@ impl<B: Backend> DurableExecutor<B> {
         Ok(out)
     }
 
+    /// An agent refused our epoch: record it and stop, like a journal refusal.
+    fn fenced_by_agent(&self, op_id: &str, addr: &str, epoch: u64, detail: String) -> ExecError {
+        let rejection = Rejection {
+            op_id: op_id.to_owned(),
+            kind: "stale_epoch".into(),
+            detail: format!("refused by agent {addr}: {detail}"),
+            epoch,
+            unix_ms: 0,
+        };
+        if let Err(e) = self.journal.reject(rejection) {
+            return e.into();
+        }
+        // the agent says "stale epoch E < HIGHEST: ..."
+        let current = detail
+            .split("< ")
+            .nth(1)
+            .and_then(|r| r.split(':').next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(epoch + 1);
+        ExecError::Journal(JournalError::StaleEpoch {
+            op_id: op_id.to_owned(),
+            step: "agent command",
+            ours: epoch,
+            current,
+        })
+    }
+
     fn report(rec: &OpRecord, op: Option<OpReport>, error: Option<String>) -> ExecutionReport {
         let d = &rec.signed.decision;
         ExecutionReport {
@@ -250,6 +277,11 @@ impl<B: Backend> DurableExecutor<B> {
                     return Ok(report);
                 }
                 Err(BackendError::Journal(e)) => return Err(e.into()),
+                Err(BackendError::Fenced {
+                    addr,
+                    epoch,
+                    detail,
+                }) => return Err(self.fenced_by_agent(&d.id, &addr, epoch, detail)),
                 Err(e) => {
                     let retry = self.backoff.delay_ms(attempt);
                     tracing::warn!(op_id = %d.id, attempt, error = %e, ?retry, "attempt failed");
@@ -269,6 +301,11 @@ impl<B: Backend> DurableExecutor<B> {
         match self.backend.rollback(&mut op, &d.host_id) {
             Ok(()) => {}
             Err(BackendError::Journal(e)) => return Err(e.into()),
+            Err(BackendError::Fenced {
+                addr,
+                epoch,
+                detail,
+            }) => return Err(self.fenced_by_agent(&d.id, &addr, epoch, detail)),
             Err(e) => {
                 return Err(ExecError::Unresolved {
                     op_id: d.id.clone(),

@@ -100,6 +100,35 @@ fn unexpected(addr: &str, step: &'static str, r: &Response) -> BackendError {
     }
 }
 
+/// Wraps a command in the executor's fencing epoch (journaled operations;
+/// one-shot calls, epoch 0, go unwrapped).
+fn fenced(op: &OpLog<'_>, req: Request) -> Request {
+    match op.epoch() {
+        0 => req,
+        epoch => Request::Fenced {
+            epoch,
+            request: Box::new(req),
+        },
+    }
+}
+
+/// Maps an agent error, recognising an agent's epoch refusal.
+fn agent_or_fenced<'a>(
+    op: &OpLog<'_>,
+    addr: &'a str,
+    step: &'static str,
+) -> impl FnOnce(AgentError) -> BackendError + 'a {
+    let epoch = op.epoch();
+    move |e| match e {
+        AgentError::Remote(m) if m.starts_with("stale epoch") => BackendError::Fenced {
+            addr: addr.to_owned(),
+            epoch,
+            detail: m,
+        },
+        e => agent_err(addr, step)(e),
+    }
+}
+
 /// Polls `f` every 10 ms until it yields a value or `deadline` passes.
 fn wait_for<T>(
     what: &str,
@@ -268,11 +297,14 @@ impl KvmBackend {
                     op.step(Step::MigrationStarted { vm: vm.to_owned() })?;
                 }
                 VmPhase::Started { addr, .. } => {
-                    let req = Request::MigrateOut {
-                        name: vm.to_owned(),
-                        to: addr.clone(),
-                        options: self.opts.migrate.clone(),
-                    };
+                    let req = fenced(
+                        op,
+                        Request::MigrateOut {
+                            name: vm.to_owned(),
+                            to: addr.clone(),
+                            options: self.opts.migrate.clone(),
+                        },
+                    );
                     if op.armed("migration_in_flight") {
                         // Crash test: the request reaches the source agent,
                         // then the executor dies without reading the answer.
@@ -293,7 +325,7 @@ impl KvmBackend {
                             checksum: report.checksum,
                         }),
                         Ok(other) => return Err(unexpected(src, "migrating", &other)),
-                        Err(AgentError::Remote(msg)) if msg.starts_with("no VM named") => {
+                        Err(AgentError::Remote(msg)) if msg.contains("no VM named") => {
                             // It left the source: an earlier request (before a
                             // crash) committed it, or the commit was uncertain.
                             if self.lists(&addr, vm)?.is_none() {
@@ -305,7 +337,7 @@ impl KvmBackend {
                             }
                             None
                         }
-                        Err(e) => return Err(agent_err(src, "migrating")(e)),
+                        Err(e) => return Err(agent_or_fenced(op, src, "migrating")(e)),
                     };
                     op.step(Step::Committed {
                         vm: vm.to_owned(),
@@ -394,15 +426,18 @@ impl KvmBackend {
         };
         let (mut freeze_us, mut took_us) = (None, None);
         if !already {
-            let req = match phase {
-                Phase::RecycleServices => Request::RestartServices,
-                Phase::Diagnostics => Request::Diagnostics {
-                    dir: self.opts.diag_dir.join(op.op_id()),
+            let req = fenced(
+                op,
+                match phase {
+                    Phase::RecycleServices => Request::RestartServices,
+                    Phase::Diagnostics => Request::Diagnostics {
+                        dir: self.opts.diag_dir.join(op.op_id()),
+                    },
+                    Phase::MemoryPreservingReset => Request::MemoryPreservingRestart {
+                        verify: self.opts.phase3_verify,
+                    },
                 },
-                Phase::MemoryPreservingReset => Request::MemoryPreservingRestart {
-                    verify: self.opts.phase3_verify,
-                },
-            };
+            );
             if op.armed("phase_in_flight") {
                 // Crash test: the agent gets the request, the executor dies.
                 if let Ok(mut s) = TcpStream::connect(&addr) {
@@ -411,7 +446,10 @@ impl KvmBackend {
                 op.point("phase_in_flight");
             }
             let mut c = self.client(&addr)?;
-            match c.call(&req).map_err(agent_err(&addr, "running a phase"))? {
+            match c
+                .call(&req)
+                .map_err(agent_or_fenced(op, &addr, "running a phase"))?
+            {
                 Response::ServicesRestarted { took, .. } => {
                     took_us = Some(took.as_micros() as u64);
                 }
@@ -472,18 +510,18 @@ impl KvmBackend {
                 })?;
             }
             let mut c = self.client(&addr)?;
-            match c.call(&Request::StopVm { name: vm.clone() }) {
+            match c.call(&fenced(op, Request::StopVm { name: vm.clone() })) {
                 Ok(_) => {}
-                Err(AgentError::Remote(m)) if m.starts_with("no VM named") => {}
-                Err(e) => return Err(agent_err(&addr, "stopping a VM")(e)),
+                Err(AgentError::Remote(m)) if m.contains("no VM named") => {}
+                Err(e) => return Err(agent_or_fenced(op, &addr, "stopping a VM")(e)),
             }
-            match c.call(&Request::StartVm {
+            let start = Request::StartVm {
                 name: vm.clone(),
                 mem_mib: *mem_mib,
                 dirty_bytes_per_sec: *dirty,
-            }) {
-                Ok(_) => {}
-                Err(e) => return Err(agent_err(&addr, "starting a VM")(e)),
+            };
+            if let Err(e) = c.call(&fenced(op, start)) {
+                return Err(agent_or_fenced(op, &addr, "starting a VM")(e));
             }
             op.step(Step::VmStarted { vm: vm.clone() })?;
         }
@@ -595,8 +633,8 @@ impl Backend for KvmBackend {
                     match self.lists(&src, &vm)? {
                         Some(v) if v.state == RunState::Paused => {
                             self.client(&src)?
-                                .call(&Request::Resume { name: vm.clone() })
-                                .map_err(agent_err(&src, "resuming a VM"))?;
+                                .call(&fenced(op, Request::Resume { name: vm.clone() }))
+                                .map_err(agent_or_fenced(op, &src, "resuming a VM"))?;
                         }
                         Some(_) => {}
                         None => {

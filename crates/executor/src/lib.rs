@@ -76,6 +76,17 @@ pub enum BackendError {
         /// The cause.
         detail: String,
     },
+    /// A host agent refused the command: it has seen a newer executor epoch.
+    /// The operation must stop (like a stale epoch in the journal).
+    #[error("agent {addr} refused epoch {epoch}: {detail}")]
+    Fenced {
+        /// Agent address.
+        addr: String,
+        /// This executor's epoch.
+        epoch: u64,
+        /// The agent's message.
+        detail: String,
+    },
     /// A condition did not hold before its deadline.
     #[error("timed out while {0}")]
     Timeout(String),

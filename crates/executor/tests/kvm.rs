@@ -288,3 +288,107 @@ fn phases_1_and_3_and_reboot_on_real_guests() {
     assert!(j.audit(true).unwrap().is_empty());
     assert_eq!(j.ops().unwrap().len(), 3);
 }
+
+/// The window the journal cannot close: executor 1 recorded
+/// `migration_started` (so its command is on its way) just as a newer
+/// executor took over and reached the source agent. The agent, having seen
+/// the newer epoch, refuses executor 1's migration; the refusal is recorded;
+/// the newer executor then completes the operation.
+#[test]
+fn agents_refuse_a_stale_epoch_in_flight() {
+    use waterbear_vmm::{AgentClient, Request};
+    let (a, b) = (AgentProc::spawn(), AgentProc::spawn());
+    a.start_vm("vm-agent-fence", 16, 1 << 20);
+    let dir = tempfile::tempdir().unwrap();
+    let j = Arc::new(Journal::open(dir.path().join("j.redb")).unwrap());
+    let all = |_: &str| true;
+    let mut ex1 = DurableExecutor::new(
+        j.clone(),
+        backend(&[("h1", &a), ("h2", &b)]),
+        Keyring::new([key()]),
+    )
+    .unwrap();
+    let (j2, a_addr) = (j.clone(), a.addr.clone());
+    ex1.set_crash_point(Some("migration_started".into()), move |_| {
+        let newer = j2.acquire_epoch().unwrap();
+        let mut c = AgentClient::connect(&a_addr).unwrap();
+        c.call(&Request::Fenced {
+            epoch: newer,
+            request: Box::new(Request::Ping),
+        })
+        .unwrap();
+    });
+    let d = signed("h1", 1, Action::LiveMigrate, 0);
+    let err = ex1.execute(&d, 0, 60_000, &all).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ExecError::Journal(JournalError::StaleEpoch {
+                ours: 1,
+                current: 2,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(runs_exactly_once(&[&a, &b], "vm-agent-fence"), 0);
+    let rej = j.rejections().unwrap();
+    assert_eq!(rej.len(), 1);
+    assert!(rej[0].detail.contains("refused by agent"), "{rej:?}");
+    assert_eq!(
+        j.op(&d.decision.id).unwrap().unwrap().step_names(),
+        [
+            "accepted",
+            "target_chosen",
+            "target_prepared",
+            "migration_started"
+        ]
+    );
+
+    let mut ex3 = DurableExecutor::new(
+        j.clone(),
+        backend(&[("h1", &a), ("h2", &b)]),
+        Keyring::new([key()]),
+    )
+    .unwrap();
+    let rep = ex3.resume_unfinished(&all).unwrap().remove(0).unwrap();
+    assert!(rep.error.is_none(), "{rep:?}");
+    assert_eq!(runs_exactly_once(&[&a, &b], "vm-agent-fence"), 1);
+    // the source agent now knows epoch 3: anything older is refused
+    let mut c = AgentClient::connect(&a.addr).unwrap();
+    let e = c
+        .call(&Request::Fenced {
+            epoch: 2,
+            request: Box::new(Request::Ping),
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("stale epoch 2 < 3"), "{e}");
+    assert!(j.audit(true).unwrap().is_empty());
+}
+
+/// The highest epoch an agent has seen survives the agent's restart.
+#[test]
+fn an_agents_epoch_survives_its_restart() {
+    use waterbear_vmm::Request;
+    let data = tempfile::tempdir().unwrap();
+    let fenced = |epoch| Request::Fenced {
+        epoch,
+        request: Box::new(Request::Ping),
+    };
+    {
+        let a = AgentProc::spawn_with(data.path(), tempfile::tempdir().unwrap());
+        a.client().call(&fenced(5)).unwrap();
+        a.client().call(&fenced(5)).unwrap();
+        assert!(a.client().call(&fenced(4)).is_err());
+        // a fenced request cannot smuggle another one
+        let nested = Request::Fenced {
+            epoch: 9,
+            request: Box::new(fenced(9)),
+        };
+        assert!(a.client().call(&nested).is_err());
+    }
+    let a = AgentProc::spawn_with(data.path(), tempfile::tempdir().unwrap());
+    let e = a.client().call(&fenced(4)).unwrap_err();
+    assert!(e.to_string().contains("stale epoch 4 < 5"), "{e}");
+    a.client().call(&fenced(6)).unwrap();
+}

@@ -25,9 +25,17 @@ pub struct AgentProc {
 impl AgentProc {
     pub fn spawn() -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        Self::spawn_with(&path, dir)
+    }
+
+    /// An agent whose data directory is `data_dir` (kept by the caller);
+    /// `keep` is dropped with the agent.
+    pub fn spawn_with(data_dir: &std::path::Path, keep: tempfile::TempDir) -> Self {
+        let dir = keep;
         let mut child = Command::new(EXE)
             .args(["host-agent", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir.path())
+            .arg(data_dir)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
