@@ -4,7 +4,19 @@
 //!
 //! Executing is idempotent per decision id: a decision seen again (a retry, a replay)
 //! returns the first report and does nothing. [`SimBackend`] acts on the simulated
-//! fleet of `waterbear-sim`; the KVM backend drives real host agents.
+//! fleet of `waterbear-sim`; [`KvmBackend`] drives real host agents.
+//!
+//! Two executors:
+//! * [`Executor`]: in memory, for the simulated fleet (demo, benchmarks).
+//! * [`DurableExecutor`]: for real operations. It verifies each
+//!   [`SignedDecision`] ([`auth`]), records every step of every operation in a
+//!   [`Journal`] (redb), holds a fencing epoch so a stale executor cannot act,
+//!   retries failed attempts with [`Backoff`], rolls back when it gives up, and
+//!   resumes unfinished operations after a crash from their last recorded step.
+//!
+//! [`ExecutionReport`] is what is published (the `outcomes` topic in streaming
+//! mode); its JSON form is kept stable: fields are only ever added, with serde
+//! defaults, so older records still parse.
 //!
 //! ```
 //! use waterbear_executor::{Executor, SimBackend};
@@ -22,6 +34,20 @@ use thiserror::Error;
 use waterbear_policy::{Action, Decision, Outcome, Phase};
 use waterbear_sim::{Fleet, SimError};
 
+pub mod auth;
+pub mod backoff;
+mod durable;
+pub mod journal;
+pub mod kvm;
+mod oplog;
+
+pub use auth::{Key, Keyring, SignedDecision, sign, verify};
+pub use backoff::Backoff;
+pub use durable::{DurableExecutor, ExecError};
+pub use journal::{Journal, JournalError, OpRecord, OpStatus, Step};
+pub use kvm::{KvmBackend, KvmHost, KvmOptions};
+pub use oplog::OpLog;
+
 /// Why a backend operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum BackendError {
@@ -31,6 +57,50 @@ pub enum BackendError {
     /// The backend cannot do this action.
     #[error("action {0} is not supported by this backend")]
     Unsupported(&'static str),
+    /// Recording a step failed (e.g. a stale epoch): the operation must stop.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The host is not mapped to an agent.
+    #[error("host {0} has no agent")]
+    UnknownHost(String),
+    /// No host may receive the VMs.
+    #[error("no target host for VMs of {0}")]
+    NoTarget(String),
+    /// A host agent failed or refused.
+    #[error("agent {addr} while {step}: {detail}")]
+    Agent {
+        /// Agent address.
+        addr: String,
+        /// What was being done.
+        step: &'static str,
+        /// The cause.
+        detail: String,
+    },
+    /// A host agent refused the command: it has seen a newer executor epoch.
+    /// The operation must stop (like a stale epoch in the journal).
+    #[error("agent {addr} refused epoch {epoch}: {detail}")]
+    Fenced {
+        /// Agent address.
+        addr: String,
+        /// This executor's epoch.
+        epoch: u64,
+        /// The agent's message.
+        detail: String,
+    },
+    /// A condition did not hold before its deadline.
+    #[error("timed out while {0}")]
+    Timeout(String),
+    /// A VM runs on neither source nor target (a migration whose commit was
+    /// uncertain); needs an operator.
+    #[error("VM {vm} runs on neither {from} nor {target}")]
+    VmLost {
+        /// VM name.
+        vm: String,
+        /// Source agent.
+        from: String,
+        /// Target agent.
+        target: String,
+    },
 }
 
 /// What one operation did on the fleet.
@@ -48,10 +118,66 @@ pub struct OpReport {
     pub healed: Option<bool>,
     /// How long the operation takes, ms (measured, or modelled by a simulated backend).
     pub duration_ms: i64,
+    /// Figures measured on real VMs (absent for a simulated backend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measured: Option<Measured>,
+}
+
+/// What a real operation measured. Figures of steps done by an executor that
+/// crashed before seeing their result are missing (counted in `unmeasured`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Measured {
+    /// Wall time of the operation as this executor saw it, ms.
+    pub wall_ms: f64,
+    /// Live migrations with a report.
+    pub migrations: u32,
+    /// Live migrations confirmed by querying the agents (report lost in a crash).
+    pub unmeasured: u32,
+    /// Longest migration downtime (source pause to STARTED), ms.
+    pub downtime_max_ms: f64,
+    /// Sum of migration downtimes, ms.
+    pub downtime_total_ms: f64,
+    /// Bytes sent by the migrations.
+    pub bytes_sent: u64,
+    /// Tardigrade phase-3 freeze (first pause to last resume), ms.
+    pub freeze_ms: Option<f64>,
+    /// Agent-measured duration of a phase 1/2, ms.
+    pub phase_ms: Option<f64>,
 }
 
 /// A fleet the executor can act on. Every method acts on one host.
+///
+/// A backend whose operations take several steps overrides [`Backend::run`]
+/// (and [`Backend::rollback`]) to record each step through the [`OpLog`] and to
+/// continue from the last recorded step when an operation is resumed.
 pub trait Backend {
+    /// Runs `action` on `host`, recording steps in `op`. The default ignores
+    /// `op` and calls the one-shot methods.
+    fn run(
+        &mut self,
+        op: &mut OpLog<'_>,
+        action: Action,
+        host: &str,
+        accept: &dyn Fn(&str) -> bool,
+    ) -> Result<OpReport, BackendError> {
+        let _ = op;
+        match action {
+            Action::LiveMigrate => self.live_migrate(host, accept),
+            Action::Tardigrade { phase } => self.tardigrade(host, phase),
+            Action::Reboot => self.reboot(host),
+            Action::OutOfRotation => self.take_out(host, accept),
+        }
+    }
+
+    /// Puts every VM `op` touched back into a single running copy (on the source,
+    /// or on its target when it already committed), recording each resolution.
+    /// The default has nothing to undo.
+    fn rollback(&mut self, op: &mut OpLog<'_>, host: &str) -> Result<(), BackendError> {
+        let _ = (op, host);
+        Ok(())
+    }
+
     /// Live-migrates every VM off `host` to hosts `accept` allows, then takes it out
     /// of rotation.
     fn live_migrate(
@@ -249,12 +375,12 @@ impl Backend for SimBackend {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use waterbear_models::Signature;
     use waterbear_sim::SimConfig;
 
-    fn decision(host: &str, action: Action, id: &str) -> Decision {
+    pub(crate) fn decision(host: &str, action: Action, id: &str) -> Decision {
         Decision {
             id: id.into(),
             host_id: host.into(),
@@ -298,6 +424,36 @@ mod tests {
         assert!(
             matches!(again.outcome(), Outcome::Failed { reason } if reason.contains("not in service"))
         );
+    }
+
+    /// `ExecutionReport` is published (outcomes topic): v1 JSON must still parse
+    /// and the field names must not change.
+    #[test]
+    fn execution_report_json_is_stable() {
+        let v1 = r#"{"decision_id":"d1","host_id":"h1","action":{"kind":"live_migrate"},"started_ms":1,"finished_ms":2,"report":{"vms_moved":3,"mem_moved_mib":4,"vms_frozen":0,"vms_interrupted":0,"healed":null,"duration_ms":1},"error":null}"#;
+        let r: ExecutionReport = serde_json::from_str(v1).unwrap();
+        assert_eq!(r.report.as_ref().unwrap().measured, None);
+        // without measurements the JSON is byte-for-byte the v1 form
+        assert_eq!(serde_json::to_string(&r).unwrap(), v1);
+        let mut m = r.clone();
+        m.report.as_mut().unwrap().measured = Some(Measured {
+            migrations: 1,
+            downtime_max_ms: 1.5,
+            ..Measured::default()
+        });
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(
+            json.contains(r#""measured":{"wall_ms":0.0,"migrations":1,"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<ExecutionReport>(&json).unwrap(), m);
+        // a partial measured object parses (every field has a default)
+        let partial = v1.replace(
+            r#""duration_ms":1}"#,
+            r#""duration_ms":1,"measured":{"freeze_ms":2.0}}"#,
+        );
+        let p: ExecutionReport = serde_json::from_str(&partial).unwrap();
+        assert_eq!(p.report.unwrap().measured.unwrap().freeze_ms, Some(2.0));
     }
 
     #[test]

@@ -146,6 +146,13 @@ pub enum Request {
         verify: bool,
     },
     Shutdown,
+    /// `request` on behalf of an executor holding fencing epoch `epoch`:
+    /// refused when an executor with a higher epoch has been seen (the
+    /// highest is kept in `DATA_DIR/epoch`, fsynced, so it survives restarts).
+    Fenced {
+        epoch: u64,
+        request: Box<Request>,
+    },
 }
 
 /// One VM as the agent reports it.
@@ -264,6 +271,8 @@ pub enum AgentError {
     Phase3 { step: &'static str, detail: String },
     #[error("agent answered with an error: {0}")]
     Remote(String),
+    #[error("stale epoch {epoch} < {highest}: a newer executor has taken over")]
+    StaleEpoch { epoch: u64, highest: u64 },
     #[error("unexpected response: {0:?}")]
     UnexpectedResponse(Box<Response>),
 }
@@ -400,6 +409,8 @@ struct Agent {
     shutdown: (Mutex<bool>, Condvar),
     /// Serialises phase 3 and migrations (no two at once).
     big_op: Mutex<()>,
+    /// Highest executor epoch seen (see [`Request::Fenced`]).
+    epoch: Mutex<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -663,6 +674,34 @@ impl Agent {
                 self.event(format!("phase 3 failed: {err}"));
                 Err(err)
             }
+            Request::Fenced { epoch, request } => {
+                if matches!(*request, Request::Fenced { .. } | Request::ReceiveMigration) {
+                    return Err(AgentError::Remote("this request cannot be fenced".into()));
+                }
+                {
+                    let mut highest = lock(&self.epoch);
+                    if epoch < *highest {
+                        self.event(format!(
+                            "refused {:?} from stale epoch {epoch} (highest {})",
+                            request, *highest
+                        ));
+                        return Err(AgentError::StaleEpoch {
+                            epoch,
+                            highest: *highest,
+                        });
+                    }
+                    if epoch > *highest {
+                        write_synced(
+                            &self.config.data_dir.join("epoch"),
+                            epoch.to_string().as_bytes(),
+                        )
+                        .and_then(|()| File::open(&self.config.data_dir)?.sync_all())
+                        .map_err(io_step("persisting the epoch"))?;
+                        *highest = epoch;
+                    }
+                }
+                self.handle(*request, conn)
+            }
             Request::Shutdown => {
                 let (m, cv) = &self.shutdown;
                 *lock(m) = true;
@@ -851,6 +890,14 @@ impl Agent {
             detail: err.to_string(),
         })
     }
+}
+
+/// The highest executor epoch recorded in `data_dir` (0 if none).
+fn read_epoch(data_dir: &Path) -> u64 {
+    fs::read_to_string(data_dir.join("epoch"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn own_args_without_resume() -> Vec<OsString> {
@@ -1106,6 +1153,7 @@ pub fn run_host_agent(config: AgentConfig) -> Result<(), AgentError> {
         services: Mutex::new(Vec::new()),
         shutdown: (Mutex::new(false), Condvar::new()),
         big_op: Mutex::new(()),
+        epoch: Mutex::new(read_epoch(&config.data_dir)),
     });
 
     if let Some((state, t_successor)) = resumed {

@@ -187,6 +187,21 @@ struct DeadLetter<'a> {
 /// `truth.parquet`, `decisions.ndjson`, `outcomes.ndjson`, `dead_letter.ndjson`,
 /// `summary.json` and `summary.md`.
 pub fn run_demo(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
+    run_demo_with(opts, None)
+}
+
+/// Sees every decision after the simulated executor carried it out (e.g. to
+/// repeat it on real VMs: `waterbear demo --kvm`).
+pub(crate) trait DecisionHook {
+    /// `report` is the simulated outcome of `d`.
+    fn on_decision(&mut self, d: &Decision, report: &waterbear_executor::ExecutionReport);
+}
+
+/// [`run_demo`] with a hook on every decision.
+pub(crate) fn run_demo_with(
+    opts: &DemoOptions,
+    mut hook: Option<&mut dyn DecisionHook>,
+) -> Result<DemoSummary, DemoError> {
     let started = Instant::now();
     let cfg = &opts.config;
     let sim = cfg.sim.clone().check()?;
@@ -268,6 +283,9 @@ pub fn run_demo(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
                 exec.execute(&d, &|h| p.is_healthy_target(h))
             };
             outcomes_out.write(&report)?;
+            if let Some(h) = hook.as_mut() {
+                h.on_decision(&d, &report);
+            }
             if let Some(op) = &report.report {
                 summary.vm_freezes += u64::from(op.vms_frozen);
             } else {

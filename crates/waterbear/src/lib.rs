@@ -3,6 +3,8 @@
 
 mod config;
 mod demo;
+mod kvm_demo;
 
 pub use config::{ConfigLoadError, DemoConfig, EMBEDDED_DEMO_CONFIG};
 pub use demo::{DemoError, DemoOptions, DemoSummary, ModeRow, run_demo};
+pub use kvm_demo::{KvmDemoError, KvmDemoOptions, KvmSummary, run_kvm_demo};

@@ -41,6 +41,13 @@ enum Command {
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Also carry out the decisions on a few hosts on real KVM guests
+        /// (host agents started as child processes; needs /dev/kvm).
+        #[arg(long)]
+        kvm: bool,
+        /// With --kvm: simulated hosts given real guests.
+        #[arg(long, default_value_t = 4)]
+        kvm_hosts: usize,
     },
     /// Run a host agent owning the KVM VMs of this host.
     HostAgent(waterbear_vmm::HostAgentArgs),
@@ -71,6 +78,8 @@ fn main() -> Result<()> {
             days,
             seed,
             no_progress,
+            kvm,
+            kvm_hosts,
         } => {
             let mut cfg = match &config {
                 Some(p) => DemoConfig::load(p)?,
@@ -91,12 +100,22 @@ fn main() -> Result<()> {
                 seed = cfg.sim.seed,
                 "demo starting"
             );
-            let summary = run_demo(&DemoOptions {
+            let opts = DemoOptions {
                 config: cfg,
                 out_dir: out,
                 progress: !no_progress,
-            })
-            .context("demo failed")?;
+            };
+            if kvm {
+                let mut k = waterbear::KvmDemoOptions::new(
+                    std::env::current_exe().context("locating this executable")?,
+                );
+                k.max_hosts = kvm_hosts;
+                let (summary, real) =
+                    waterbear::run_kvm_demo(&opts, &k).context("demo --kvm failed")?;
+                println!("{summary}\n\n{real}");
+                return Ok(());
+            }
+            let summary = run_demo(&opts).context("demo failed")?;
             println!("{summary}");
             Ok(())
         }
