@@ -40,8 +40,8 @@ impl Default for BaselineConfig {
             heartbeat_gap_scale: 3.0,
             crash_scale: 3.0,
             kernel_scale: 3.0,
-            temp_onset_c: 62.0,
-            temp_span_c: 12.0,
+            temp_onset_c: 50.0,
+            temp_span_c: 10.0,
             unresponsive_after_s: 600.0,
         }
     }

@@ -21,7 +21,7 @@ impl Default for Limits {
 #[derive(Debug, Clone, Copy)]
 struct Last {
     ts_ms: i64,
-    counters: [u64; 8],
+    counters: [u64; 7],
 }
 
 /// Checks that need the host's previous accepted record: timestamps too far in the

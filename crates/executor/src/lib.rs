@@ -1,0 +1,331 @@
+//! The recovery executor: turns [`Decision`]s into operations on a fleet [`Backend`]
+//! and reports what happened ([`ExecutionReport`]), which the caller feeds back to the
+//! policy as an [`Outcome`].
+//!
+//! Executing is idempotent per decision id: a decision seen again (a retry, a replay)
+//! returns the first report and does nothing. [`SimBackend`] acts on the simulated
+//! fleet of `waterbear-sim`; the KVM backend drives real host agents.
+//!
+//! ```
+//! use waterbear_executor::{Executor, SimBackend};
+//! use waterbear_sim::{Fleet, SimConfig};
+//!
+//! let fleet = Fleet::new(SimConfig { hosts: 10, ..SimConfig::default() }.check().unwrap());
+//! let mut exec = Executor::new(SimBackend::new(fleet));
+//! assert_eq!(exec.executed(), 0);
+//! ```
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use waterbear_policy::{Action, Decision, Outcome, Phase};
+use waterbear_sim::{Fleet, SimError};
+
+/// Why a backend operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum BackendError {
+    /// The simulated fleet refused.
+    #[error("simulated fleet: {0}")]
+    Sim(#[from] SimError),
+    /// The backend cannot do this action.
+    #[error("action {0} is not supported by this backend")]
+    Unsupported(&'static str),
+}
+
+/// What one operation did on the fleet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpReport {
+    /// VMs live-migrated away.
+    pub vms_moved: u32,
+    /// Guest memory moved, MiB.
+    pub mem_moved_mib: u64,
+    /// VMs paused with memory kept (Tardigrade phase 3).
+    pub vms_frozen: u32,
+    /// VMs interrupted (reboot).
+    pub vms_interrupted: u32,
+    /// Whether the operation cleared the host's fault (where the backend knows).
+    pub healed: Option<bool>,
+    /// How long the operation takes, ms (measured, or modelled by a simulated backend).
+    pub duration_ms: i64,
+}
+
+/// A fleet the executor can act on. Every method acts on one host.
+pub trait Backend {
+    /// Live-migrates every VM off `host` to hosts `accept` allows, then takes it out
+    /// of rotation.
+    fn live_migrate(
+        &mut self,
+        host: &str,
+        accept: &dyn Fn(&str) -> bool,
+    ) -> Result<OpReport, BackendError>;
+    /// Runs a Tardigrade phase.
+    fn tardigrade(&mut self, host: &str, phase: Phase) -> Result<OpReport, BackendError>;
+    /// Reboots the host.
+    fn reboot(&mut self, host: &str) -> Result<OpReport, BackendError>;
+    /// Takes the host out of rotation (draining it first).
+    fn take_out(
+        &mut self,
+        host: &str,
+        accept: &dyn Fn(&str) -> bool,
+    ) -> Result<OpReport, BackendError> {
+        self.live_migrate(host, accept)
+    }
+}
+
+/// The outcome of one decision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionReport {
+    /// The decision.
+    pub decision_id: String,
+    /// Its host.
+    pub host_id: String,
+    /// Its action.
+    pub action: Action,
+    /// When it was executed (the decision's time), ms.
+    pub started_ms: i64,
+    /// When it finished, ms.
+    pub finished_ms: i64,
+    /// What it did, if it succeeded.
+    pub report: Option<OpReport>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+impl ExecutionReport {
+    /// The outcome to feed back to the policy.
+    pub fn outcome(&self) -> Outcome {
+        match &self.error {
+            None => Outcome::Succeeded,
+            Some(reason) => Outcome::Failed {
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+/// Executes decisions once each against a backend.
+pub struct Executor<B: Backend> {
+    backend: B,
+    done: HashMap<String, ExecutionReport>,
+}
+
+impl<B: Backend> Executor<B> {
+    /// An executor over `backend`.
+    pub fn new(backend: B) -> Self {
+        Self {
+            backend,
+            done: HashMap::new(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably (e.g. to step a simulated fleet).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// Decisions executed so far.
+    pub fn executed(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Executes `d` (once: a repeated id returns the first report unchanged).
+    /// `accept` says which hosts may receive migrated VMs.
+    pub fn execute(&mut self, d: &Decision, accept: &dyn Fn(&str) -> bool) -> ExecutionReport {
+        if let Some(r) = self.done.get(&d.id) {
+            return r.clone();
+        }
+        let res = match d.action {
+            Action::LiveMigrate => self.backend.live_migrate(&d.host_id, accept),
+            Action::Tardigrade { phase } => self.backend.tardigrade(&d.host_id, phase),
+            Action::Reboot => self.backend.reboot(&d.host_id),
+            Action::OutOfRotation => self.backend.take_out(&d.host_id, accept),
+        };
+        let report = match res {
+            Ok(op) => ExecutionReport {
+                decision_id: d.id.clone(),
+                host_id: d.host_id.clone(),
+                action: d.action,
+                started_ms: d.ts_ms,
+                finished_ms: d.ts_ms + op.duration_ms,
+                report: Some(op),
+                error: None,
+            },
+            Err(e) => ExecutionReport {
+                decision_id: d.id.clone(),
+                host_id: d.host_id.clone(),
+                action: d.action,
+                started_ms: d.ts_ms,
+                finished_ms: d.ts_ms,
+                report: None,
+                error: Some(e.to_string()),
+            },
+        };
+        self.done.insert(d.id.clone(), report.clone());
+        report
+    }
+}
+
+/// Acts on a simulated [`Fleet`]. Durations are modelled: live migration moves guest
+/// memory at `migrate_mib_per_s` plus a fixed cost per VM; phase 1 takes 30 s, phase 3
+/// freezes VMs for 2 s within a 90 s reset, a reboot takes 5 minutes.
+pub struct SimBackend {
+    fleet: Fleet,
+    /// Live-migration bandwidth, MiB/s.
+    pub migrate_mib_per_s: f64,
+}
+
+impl SimBackend {
+    /// Wraps a fleet.
+    pub fn new(fleet: Fleet) -> Self {
+        Self {
+            fleet,
+            migrate_mib_per_s: 1000.0,
+        }
+    }
+
+    /// The fleet.
+    pub fn fleet(&self) -> &Fleet {
+        &self.fleet
+    }
+
+    /// The fleet, mutably.
+    pub fn fleet_mut(&mut self) -> &mut Fleet {
+        &mut self.fleet
+    }
+
+    /// Unwraps the fleet.
+    pub fn into_fleet(self) -> Fleet {
+        self.fleet
+    }
+}
+
+impl Backend for SimBackend {
+    fn live_migrate(
+        &mut self,
+        host: &str,
+        accept: &dyn Fn(&str) -> bool,
+    ) -> Result<OpReport, BackendError> {
+        let rep = self.fleet.evacuate(host, accept)?;
+        let mib: u64 = rep.moves.iter().map(|m| u64::from(m.mem_mib)).sum();
+        Ok(OpReport {
+            vms_moved: rep.moves.len() as u32,
+            mem_moved_mib: mib,
+            duration_ms: (mib as f64 / self.migrate_mib_per_s * 1000.0) as i64
+                + 2_000 * rep.moves.len() as i64,
+            ..OpReport::default()
+        })
+    }
+
+    fn tardigrade(&mut self, host: &str, phase: Phase) -> Result<OpReport, BackendError> {
+        let (n, duration_ms) = match phase {
+            Phase::RecycleServices => (1, 30_000),
+            Phase::Diagnostics => (2, 60_000),
+            Phase::MemoryPreservingReset => (3, 90_000),
+        };
+        let rep = self.fleet.tardigrade(host, n)?;
+        Ok(OpReport {
+            vms_frozen: rep.vms_frozen,
+            healed: Some(rep.healed),
+            duration_ms,
+            ..OpReport::default()
+        })
+    }
+
+    fn reboot(&mut self, host: &str) -> Result<OpReport, BackendError> {
+        let rep = self.fleet.reboot(host)?;
+        Ok(OpReport {
+            vms_interrupted: rep.vms_interrupted,
+            healed: Some(rep.healed),
+            duration_ms: 300_000,
+            ..OpReport::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use waterbear_models::Signature;
+    use waterbear_sim::SimConfig;
+
+    fn decision(host: &str, action: Action, id: &str) -> Decision {
+        Decision {
+            id: id.into(),
+            host_id: host.into(),
+            cluster: "c00".into(),
+            fault_domain: 0,
+            update_domain: 0,
+            incident: 1,
+            generation: 0,
+            action,
+            ts_ms: 1000,
+            score: 0.9,
+            signature: Signature::Disk,
+            reasons: vec![],
+            model: "m".into(),
+            why: "test".into(),
+        }
+    }
+
+    #[test]
+    fn executes_each_decision_once() {
+        let fleet = Fleet::new(
+            SimConfig {
+                hosts: 20,
+                ..SimConfig::default()
+            }
+            .check()
+            .unwrap(),
+        );
+        let vms = fleet.host("host-00003").unwrap().vms as u32;
+        let mut exec = Executor::new(SimBackend::new(fleet));
+        let d = decision("host-00003", Action::LiveMigrate, "d1");
+        let first = exec.execute(&d, &|_| true);
+        assert_eq!(first.outcome(), Outcome::Succeeded);
+        assert_eq!(first.report.as_ref().unwrap().vms_moved, vms);
+        assert!(first.finished_ms > first.started_ms);
+        // the host is now out of rotation; a replay must not try again (it would fail)
+        assert_eq!(exec.execute(&d, &|_| true), first);
+        assert_eq!(exec.executed(), 1);
+        // a new decision on the drained host fails with a reason
+        let again = exec.execute(&decision("host-00003", Action::Reboot, "d2"), &|_| true);
+        assert!(
+            matches!(again.outcome(), Outcome::Failed { reason } if reason.contains("not in service"))
+        );
+    }
+
+    #[test]
+    fn reboot_interrupts_and_phase3_freezes() {
+        let fleet = Fleet::new(
+            SimConfig {
+                hosts: 5,
+                ..SimConfig::default()
+            }
+            .check()
+            .unwrap(),
+        );
+        let vms = fleet.host("host-00001").unwrap().vms as u32;
+        let mut exec = Executor::new(SimBackend::new(fleet));
+        let r = exec.execute(&decision("host-00001", Action::Reboot, "a"), &|_| true);
+        assert_eq!(r.report.unwrap().vms_interrupted, vms);
+        let t = exec.execute(
+            &decision(
+                "host-00001",
+                Action::Tardigrade {
+                    phase: Phase::MemoryPreservingReset,
+                },
+                "b",
+            ),
+            &|_| true,
+        );
+        let rep = t.report.unwrap();
+        assert_eq!((rep.vms_frozen, rep.vms_interrupted), (vms, 0));
+        assert_eq!(exec.backend().fleet().interruptions(), u64::from(vms));
+    }
+}

@@ -1,0 +1,1035 @@
+//! The exactly-once consume-transform-produce loop.
+//!
+//! One consumer (group member) and one transactional producer per instance.
+//! Records are processed in batches; each batch is one Kafka transaction
+//! holding the batch's outputs, the state of every key the batch touched
+//! (compacted state topic, partition = input partition) and the input offsets
+//! (`send_offsets_to_transaction` with the consumer's group metadata, so a
+//! zombie from an older group generation is fenced). On any transaction
+//! failure the transaction is aborted and the job rewinds: in-memory state of
+//! all assigned partitions is dropped and restored from the state topic, and
+//! the consumer seeks back to the committed offsets. On a rebalance the open
+//! transaction is aborted before partitions are revoked, and state of newly
+//! assigned partitions is restored before their first record is processed.
+//!
+//! The loop runs on a dedicated blocking thread (librdkafka's transactional
+//! calls are blocking); [`run`] is the async entry point.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, Producer, PurgeConfig, ThreadedProducer,
+};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tracing::{debug, error, info, warn};
+
+use crate::config::StreamParams;
+use crate::metrics::{Metrics, serve_metrics};
+use crate::transform::{Output, Record, Topic, Transform};
+
+/// Errors that stop the job.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// A Kafka client could not be created or a setup call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// Topic setup failed (e.g. the state topic's partition count differs).
+    #[error("{0}")]
+    Setup(String),
+    /// The metrics endpoint could not bind.
+    #[error("metrics endpoint: {0}")]
+    Io(#[from] std::io::Error),
+    /// The job thread panicked.
+    #[error("job thread panicked: {0}")]
+    Panic(String),
+}
+
+/// Totals of one [`run`], for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Input records whose transaction committed.
+    pub records_in: u64,
+    /// Outputs (all topics, not state) whose transaction committed.
+    pub records_out: u64,
+    /// DLQ outputs whose transaction committed.
+    pub dlq: u64,
+    /// Transactions committed.
+    pub committed: u64,
+    /// Transactions aborted.
+    pub aborted: u64,
+}
+
+/// Header names the job adds to DLQ records.
+pub const DLQ_SOURCE_TOPIC: &str = "dlq.source.topic";
+/// See [`DLQ_SOURCE_TOPIC`].
+pub const DLQ_SOURCE_PARTITION: &str = "dlq.source.partition";
+/// See [`DLQ_SOURCE_TOPIC`].
+pub const DLQ_SOURCE_OFFSET: &str = "dlq.source.offset";
+
+/// Runs the job until `shutdown` completes (then finishes and commits the
+/// open batch) or a non-recoverable error occurs. Creates missing topics
+/// first when `params.create_topics`, and serves `/metrics` when
+/// `params.metrics_listen` is set.
+pub async fn run<T, S>(
+    params: StreamParams,
+    transform: T,
+    shutdown: S,
+) -> Result<RunSummary, StreamError>
+where
+    T: Transform + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    run_with_metrics(params, transform, shutdown, Metrics::new()).await
+}
+
+/// [`run`] with caller-provided metrics (to read them in-process).
+pub async fn run_with_metrics<T, S>(
+    params: StreamParams,
+    transform: T,
+    shutdown: S,
+    metrics: Metrics,
+) -> Result<RunSummary, StreamError>
+where
+    T: Transform + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    if params.create_topics {
+        crate::admin::ensure_topics(&params).await?;
+    }
+    let metrics_task = match params.metrics_listen {
+        Some(addr) => Some(serve_metrics(addr, metrics.clone()).await?.1),
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let signal_task = tokio::spawn(async move {
+        shutdown.await;
+        info!("shutdown requested: finishing the open batch");
+        stop2.store(true, Ordering::SeqCst);
+    });
+    let result =
+        tokio::task::spawn_blocking(move || Job::new(params, transform, metrics, stop)?.run_loop())
+            .await;
+    signal_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    match result {
+        Ok(r) => r,
+        Err(e) => Err(StreamError::Panic(e.to_string())),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT"),
+    }
+}
+
+pub(crate) fn base_config(p: &StreamParams) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &p.brokers);
+    for (k, v) in &p.extra {
+        c.set(k, v);
+    }
+    c
+}
+
+fn consumer_config(p: &StreamParams) -> ClientConfig {
+    let mut c = base_config(p);
+    c.set("group.id", &p.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set(
+            "session.timeout.ms",
+            p.session_timeout.as_millis().to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (p.session_timeout.as_millis() / 4)
+                .clamp(250, 3000)
+                .to_string(),
+        )
+        .set("statistics.interval.ms", "5000")
+        .set("enable.partition.eof", "false");
+    if p.static_membership {
+        c.set("group.instance.id", &p.instance_id);
+    }
+    for (k, v) in &p.consumer {
+        c.set(k, v);
+    }
+    c
+}
+
+fn producer_config(p: &StreamParams) -> ClientConfig {
+    let mut c = base_config(p);
+    c.set("transactional.id", &p.transactional_id)
+        .set("enable.idempotence", "true")
+        .set(
+            "transaction.timeout.ms",
+            p.transaction_timeout.as_millis().to_string(),
+        );
+    for (k, v) in &p.producer {
+        c.set(k, v);
+    }
+    c
+}
+
+type TxnProducer = ThreadedProducer<DefaultProducerContext>;
+
+/// How to react to a failed transactional call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    /// Call again (timeouts, coordinator moving).
+    Retry,
+    /// Abort the transaction and rewind.
+    Abort,
+    /// The producer is unusable (fenced or fatal): recreate it, then rewind.
+    Recreate,
+}
+
+fn classify(e: &KafkaError) -> Recovery {
+    match e {
+        KafkaError::Transaction(r) if r.is_fatal() => Recovery::Recreate,
+        KafkaError::Transaction(r) if r.txn_requires_abort() => Recovery::Abort,
+        KafkaError::Transaction(r) if r.is_retriable() => Recovery::Retry,
+        KafkaError::Transaction(r) if r.code() == RDKafkaErrorCode::Fenced => Recovery::Recreate,
+        KafkaError::Transaction(r) if r.code() == RDKafkaErrorCode::State => Recovery::Recreate,
+        _ => Recovery::Abort,
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    open: bool,
+    started: Option<Instant>,
+    oldest_ts_ms: Option<i64>,
+    offsets: HashMap<i32, i64>,
+    /// Keys touched in this batch, per input partition.
+    dirty: HashMap<i32, HashSet<Vec<u8>>>,
+    records: u64,
+    alerts: u64,
+    other: u64,
+    dlq: u64,
+}
+
+struct Inner<T> {
+    transform: T,
+    producer: Option<TxnProducer>,
+    batch: Batch,
+    assigned: BTreeSet<i32>,
+    /// Set when state and positions must be reloaded before processing more.
+    needs_rewind: bool,
+    summary: RunSummary,
+}
+
+struct Shared<T> {
+    params: StreamParams,
+    metrics: Metrics,
+    stop: Arc<AtomicBool>,
+    inner: Mutex<Inner<T>>,
+}
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        // A panic while holding the lock is a bug; the state is still the
+        // best we have and will be rewound if a transaction fails.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct Ctx<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T: Transform> ClientContext for Ctx<T> {
+    fn stats(&self, s: Statistics) {
+        let p = &self.shared.params;
+        if let Some(topic) = s.topics.get(&p.telemetry_topic) {
+            for (id, part) in &topic.partitions {
+                if *id < 0 || part.fetch_state == "none" || part.fetch_state == "stopped" {
+                    continue;
+                }
+                let end = if part.ls_offset >= 0 {
+                    part.ls_offset
+                } else {
+                    part.hi_offset
+                };
+                // Position: last record handed to the job, else the committed
+                // offset, else the log start (nothing consumed yet).
+                let pos = [part.app_offset, part.committed_offset, part.lo_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0);
+                if let (true, Some(pos)) = (end >= 0, pos) {
+                    self.shared
+                        .metrics
+                        .consumer_lag
+                        .with_label_values(&[&id.to_string()])
+                        .set((end - pos).max(0));
+                }
+            }
+        }
+    }
+}
+
+impl<T: Transform> ConsumerContext for Ctx<T> {
+    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let shared = &self.shared;
+            shared.metrics.rebalances.inc();
+            let mut inner = shared.lock();
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            info!(?parts, "partitions revoked");
+            let aborted = inner.batch.open;
+            if aborted {
+                // Offsets of revoked partitions must not be committed by us
+                // any more: drop the whole batch; the new owner replays it.
+                abort_open(shared, &mut inner, "rebalance");
+            }
+            for p in &parts {
+                inner.transform.forget_partition(*p);
+                inner.assigned.remove(p);
+                let _ = shared
+                    .metrics
+                    .consumer_lag
+                    .remove_label_values(&[&p.to_string()]);
+            }
+            shared
+                .metrics
+                .assigned_partitions
+                .set(inner.assigned.len() as i64);
+            // With incremental (cooperative) rebalancing some partitions stay:
+            // the aborted batch touched their state and positions too.
+            if aborted && !inner.assigned.is_empty() {
+                inner.needs_rewind = true;
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let shared = &self.shared;
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                info!(?parts, "partitions assigned");
+                let mut inner = shared.lock();
+                for p in &parts {
+                    inner.transform.forget_partition(*p);
+                    inner.assigned.insert(*p);
+                }
+                shared
+                    .metrics
+                    .assigned_partitions
+                    .set(inner.assigned.len() as i64);
+                // Restore before the first record of these partitions is
+                // handed out (that happens only in a later poll).
+                if let Err(e) = restore_state(shared, &mut inner, &parts) {
+                    warn!(error = %e, "state restore failed; will retry before processing");
+                    inner.needs_rewind = true;
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// Aborts the open transaction (retrying retriable errors, recreating the
+/// producer if it is unusable) and clears the batch. Does not rewind.
+fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
+    let timeout = shared.params.txn_call_timeout;
+    warn!(why, records = inner.batch.records, "aborting transaction");
+    // Bounded by the transaction timeout: after it the coordinator aborts on
+    // its own, and a fresh producer (same transactional id) fences the rest.
+    let end = Instant::now() + shared.params.transaction_timeout;
+    let mut attempts = 0u32;
+    while let Some(producer) = inner.producer.as_ref() {
+        match producer.abort_transaction(timeout) {
+            Ok(()) => break,
+            Err(e) => {
+                attempts += 1;
+                match classify(&e) {
+                    Recovery::Retry | Recovery::Abort
+                        if Instant::now() < end && !shared.stop.load(Ordering::Relaxed) =>
+                    {
+                        warn!(error = %e, attempts, "abort_transaction failed, retrying");
+                        std::thread::sleep(backoff(attempts));
+                    }
+                    _ => {
+                        warn!(error = %e, "abort_transaction failed; recreating the producer");
+                        drop_producer(inner);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    inner.batch = Batch::default();
+    inner.summary.aborted += 1;
+    shared
+        .metrics
+        .transactions
+        .with_label_values(&["aborted"])
+        .inc();
+}
+
+/// Drops the producer without waiting for its queue (its transaction is
+/// being abandoned); the next loop iteration creates a new one.
+fn drop_producer<T>(inner: &mut Inner<T>) {
+    if let Some(p) = inner.producer.take() {
+        p.purge(PurgeConfig::default().queue().inflight());
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(5)).min(2000))
+}
+
+/// Reads the state topic partitions `parts` from the beginning up to the end
+/// (read_committed, so up to the last stable offset) into the transform.
+fn restore_state<T: Transform>(
+    shared: &Shared<T>,
+    inner: &mut Inner<T>,
+    parts: &[i32],
+) -> Result<(), KafkaError> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let p = &shared.params;
+    let t0 = Instant::now();
+    let mut cfg = base_config(p);
+    cfg.set("group.id", format!("{}-restore", p.group_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true");
+    for (k, v) in &p.consumer {
+        cfg.set(k, v);
+    }
+    // A bulk read that must not wait on empty partitions (default 500 ms).
+    cfg.set("fetch.wait.max.ms", "10");
+    let consumer: BaseConsumer<QuietEof> = cfg.create_with_context(QuietEof)?;
+    let mut tpl = TopicPartitionList::new();
+    for &part in parts {
+        tpl.add_partition_offset(&p.state_topic, part, Offset::Beginning)?;
+    }
+    // Learn the partition leaders first: assigning with unknown leaders
+    // makes librdkafka retry the BEGINNING offset lookup on a fixed 500 ms
+    // timer, which was most of the restore time.
+    consumer.fetch_metadata(Some(&p.state_topic), p.txn_call_timeout)?;
+    consumer.assign(&tpl)?;
+    let mut pending: BTreeSet<i32> = parts.iter().copied().collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut keys = 0u64;
+    while !pending.is_empty() {
+        if Instant::now() > deadline {
+            return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut));
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return Err(KafkaError::Global(RDKafkaErrorCode::OperationTimedOut));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                    inner.transform.restore(m.partition(), k, v);
+                    keys += 1;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(part))) => {
+                pending.remove(&part);
+            }
+            Some(Err(e)) => debug!(error = %e, "restore consumer"),
+            None => {}
+        }
+    }
+    let took = t0.elapsed();
+    shared.metrics.restore_seconds.observe(took.as_secs_f64());
+    info!(
+        ?parts,
+        records = keys,
+        ms = took.as_millis() as u64,
+        "state restored"
+    );
+    Ok(())
+}
+
+/// Context for readers with `enable.partition.eof`: librdkafka also reports
+/// each EOF as a global error event, which is not an error.
+pub struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(&error, KafkaError::Global(RDKafkaErrorCode::PartitionEOF)) {
+            return;
+        }
+        error!("librdkafka: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
+struct Job<T: Transform + 'static> {
+    shared: Arc<Shared<T>>,
+    consumer: BaseConsumer<Ctx<T>>,
+    started: Instant,
+}
+
+fn create_producer(p: &StreamParams, stop: &AtomicBool) -> Option<TxnProducer> {
+    let mut attempt = 0u32;
+    loop {
+        if stop.load(Ordering::Relaxed) && attempt > 0 {
+            return None;
+        }
+        attempt += 1;
+        let producer: TxnProducer = match producer_config(p).create() {
+            Ok(pr) => pr,
+            Err(e) => {
+                error!(error = %e, "creating producer");
+                std::thread::sleep(backoff(attempt));
+                continue;
+            }
+        };
+        match producer.init_transactions(p.txn_call_timeout) {
+            Ok(()) => {
+                info!(transactional_id = %p.transactional_id, "transactional producer ready");
+                return Some(producer);
+            }
+            Err(e) => {
+                warn!(error = %e, attempt, "init_transactions failed, retrying");
+                std::thread::sleep(backoff(attempt));
+            }
+        }
+    }
+}
+
+impl<T: Transform + 'static> Job<T> {
+    fn new(
+        params: StreamParams,
+        transform: T,
+        metrics: Metrics,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, StreamError> {
+        let started = Instant::now();
+        let producer = create_producer(&params, &stop);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                transform,
+                producer,
+                batch: Batch::default(),
+                assigned: BTreeSet::new(),
+                needs_rewind: false,
+                summary: RunSummary::default(),
+            }),
+            params,
+            metrics,
+            stop,
+        });
+        let consumer: BaseConsumer<Ctx<T>> =
+            consumer_config(&shared.params).create_with_context(Ctx {
+                shared: shared.clone(),
+            })?;
+        consumer.subscribe(&[&shared.params.telemetry_topic])?;
+        info!(
+            group = %shared.params.group_id,
+            instance = %shared.params.instance_id,
+            topic = %shared.params.telemetry_topic,
+            "consumer subscribed"
+        );
+        Ok(Self {
+            shared,
+            consumer,
+            started,
+        })
+    }
+
+    fn run_loop(mut self) -> Result<RunSummary, StreamError> {
+        let shared = self.shared.clone();
+        let p = &shared.params;
+        loop {
+            if shared.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let timeout = {
+                let inner = shared.lock();
+                match inner.batch.started {
+                    Some(s) => p
+                        .batch_max_time
+                        .saturating_sub(s.elapsed())
+                        .min(Duration::from_millis(100)),
+                    None => Duration::from_millis(100),
+                }
+            };
+            let polled = self.consumer.poll(timeout);
+            let mut inner = shared.lock();
+            if inner.producer.is_none() {
+                inner.producer = create_producer(p, &shared.stop);
+                if inner.producer.is_none() {
+                    break; // stopping
+                }
+                inner.needs_rewind = true;
+            }
+            if inner.needs_rewind {
+                // The polled message predates the rewind: drop it, the seek
+                // makes it come again.
+                self.rewind(&mut inner);
+                continue;
+            }
+            match polled {
+                Some(Ok(m)) => {
+                    if let Err(e) = self.handle(&mut inner, &m) {
+                        warn!(error = %e, "producing failed");
+                        self.fail(&mut inner, &e);
+                        continue;
+                    }
+                }
+                Some(Err(e)) => {
+                    debug!(error = %e, "consumer error");
+                    if self.consumer.client().fatal_error().is_some() {
+                        drop(inner);
+                        self.recreate_consumer()?;
+                        continue;
+                    }
+                }
+                None => {
+                    if self.consumer.client().fatal_error().is_some() {
+                        drop(inner);
+                        self.recreate_consumer()?;
+                        continue;
+                    }
+                }
+            }
+            let due = inner.batch.open
+                && (inner.batch.records as usize >= p.batch_max_records
+                    || inner
+                        .batch
+                        .started
+                        .is_some_and(|s| s.elapsed() >= p.batch_max_time));
+            if due {
+                self.commit(&mut inner);
+            }
+        }
+        // Shutdown: commit what was processed, then leave.
+        let summary = {
+            let mut inner = shared.lock();
+            if inner.batch.open && inner.producer.is_some() {
+                self.commit(&mut inner);
+            }
+            inner.summary.clone()
+        };
+        info!(?summary, "stopped");
+        drop(self.consumer);
+        Ok(summary)
+    }
+
+    /// Replaces a consumer that hit a fatal error (e.g. a static member
+    /// fenced after a coordinator failover): abort the open transaction,
+    /// forget all partitions, and join the group again with a new client.
+    fn recreate_consumer(&mut self) -> Result<(), StreamError> {
+        let shared = self.shared.clone();
+        let (code, reason) = self
+            .consumer
+            .client()
+            .fatal_error()
+            .unwrap_or((RDKafkaErrorCode::Fail, String::new()));
+        warn!(%code, reason, "consumer hit a fatal error; recreating it");
+        {
+            let mut inner = shared.lock();
+            if inner.batch.open {
+                abort_open(&shared, &mut inner, "consumer fatal error");
+            }
+            let parts: Vec<i32> = inner.assigned.iter().copied().collect();
+            for part in parts {
+                inner.transform.forget_partition(part);
+            }
+            inner.assigned.clear();
+            inner.needs_rewind = false;
+        }
+        let consumer: BaseConsumer<Ctx<T>> =
+            consumer_config(&shared.params).create_with_context(Ctx {
+                shared: shared.clone(),
+            })?;
+        consumer.subscribe(&[&shared.params.telemetry_topic])?;
+        // The old client is dropped (closed) without holding the lock: its
+        // close may run the revoke callback.
+        drop(std::mem::replace(&mut self.consumer, consumer));
+        Ok(())
+    }
+
+    /// Processes one record inside the open (or a new) transaction.
+    fn handle(
+        &self,
+        inner: &mut Inner<T>,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<(), KafkaError> {
+        let p = &self.shared.params;
+        if !inner.batch.open {
+            inner
+                .producer
+                .as_ref()
+                .expect("producer present")
+                .begin_transaction()?;
+            inner.batch.open = true;
+            inner.batch.started = Some(Instant::now());
+        }
+        let rec = Record {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key(),
+            payload: m.payload().unwrap_or_default(),
+        };
+        let outputs = match catch_unwind(AssertUnwindSafe(|| inner.transform.process(&rec))) {
+            Ok(o) => o,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                error!(partition = rec.partition, offset = rec.offset, %msg, "transform panicked; record to DLQ");
+                vec![Output::dlq(
+                    rec.key,
+                    rec.payload,
+                    format!("transform panicked: {msg}"),
+                )]
+            }
+        };
+        let producer = inner.producer.as_ref().expect("producer present");
+        let (mut alerts, mut dlq, mut other) = (0u64, 0u64, 0u64);
+        for o in &outputs {
+            let sent_as = match produce_output(producer, p, &rec, o) {
+                Ok(()) => o.topic.clone(),
+                // A record the client refuses outright (too large, unknown
+                // topic) would fail every replay: dead-letter the input
+                // instead of aborting forever.
+                Err(KafkaError::MessageProduction(code))
+                    if o.topic != Topic::Dlq && rejects_record(code) =>
+                {
+                    warn!(partition = rec.partition, offset = rec.offset, %code, "output rejected; input to DLQ");
+                    let d = Output::dlq(
+                        rec.key,
+                        rec.payload,
+                        format!("output to {:?} rejected: {code}", o.topic),
+                    );
+                    produce_output(producer, p, &rec, &d)?;
+                    Topic::Dlq
+                }
+                Err(e) => return Err(e),
+            };
+            match sent_as {
+                Topic::Alerts => alerts += 1,
+                Topic::Dlq => dlq += 1,
+                Topic::Named(_) => other += 1,
+            }
+        }
+        let b = &mut inner.batch;
+        b.alerts += alerts;
+        b.dlq += dlq;
+        b.other += other;
+        b.records += 1;
+        b.offsets.insert(rec.partition, rec.offset + 1);
+        if let Some(k) = rec.key {
+            // Allocate only for keys not yet marked dirty in this batch.
+            let keys = b.dirty.entry(rec.partition).or_default();
+            if !keys.contains(k) {
+                keys.insert(k.to_vec());
+            }
+        }
+        if let Some(ts) = rec.timestamp_ms {
+            b.oldest_ts_ms = Some(b.oldest_ts_ms.map_or(ts, |o| o.min(ts)));
+        }
+        Ok(())
+    }
+
+    /// Writes state, sends offsets and commits; on failure aborts and rewinds.
+    fn commit(&self, inner: &mut Inner<T>) {
+        let shared = &self.shared;
+        let p = &shared.params;
+        let result = (|| -> Result<(), KafkaError> {
+            let producer = inner.producer.as_ref().expect("producer present");
+            let t_state = Instant::now();
+            let dirty = std::mem::take(&mut inner.batch.dirty);
+            for (part, keys) in &dirty {
+                for key in keys {
+                    if let Some(state) = inner.transform.state(key) {
+                        send_blocking(
+                            producer,
+                            BaseRecord::to(&p.state_topic)
+                                .partition(*part)
+                                .key(&key[..])
+                                .payload(&state[..]),
+                        )?;
+                    }
+                }
+            }
+            let mut tpl = TopicPartitionList::with_capacity(inner.batch.offsets.len());
+            for (&part, &off) in &inner.batch.offsets {
+                tpl.add_partition_offset(&p.telemetry_topic, part, Offset::Offset(off))?;
+            }
+            let gm = self
+                .consumer
+                .group_metadata()
+                .ok_or(KafkaError::Global(RDKafkaErrorCode::State))?;
+            let t_offsets = Instant::now();
+            retry_call(&shared.stop, p.transaction_timeout, || {
+                producer.send_offsets_to_transaction(&tpl, &gm, p.txn_call_timeout)
+            })?;
+            let t_commit = Instant::now();
+            // rdkafka's commit_transaction flushes first, but its flush waits
+            // in 100 ms poll slices; the producer's own thread serves the
+            // delivery reports, so wait for them here at a finer grain and
+            // the flush inside commit_transaction finds nothing left to do.
+            wait_delivered(producer, p.txn_call_timeout);
+            retry_call(&shared.stop, p.transaction_timeout, || {
+                producer.commit_transaction(p.txn_call_timeout)
+            })?;
+            let t_done = Instant::now();
+            shared
+                .metrics
+                .commit_seconds
+                .observe((t_done - t_state).as_secs_f64());
+            debug!(
+                state_ms = (t_offsets - t_state).as_secs_f64() * 1e3,
+                offsets_ms = (t_commit - t_offsets).as_secs_f64() * 1e3,
+                commit_ms = (t_done - t_commit).as_secs_f64() * 1e3,
+                "commit timings"
+            );
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                let b = std::mem::take(&mut inner.batch);
+                let m = &shared.metrics;
+                m.records_in.inc_by(b.records);
+                m.records_out
+                    .with_label_values(&["alerts"])
+                    .inc_by(b.alerts);
+                m.records_out.with_label_values(&["dlq"]).inc_by(b.dlq);
+                m.records_out.with_label_values(&["other"]).inc_by(b.other);
+                m.dlq.inc_by(b.dlq);
+                m.transactions.with_label_values(&["committed"]).inc();
+                if let Some(s) = b.started {
+                    m.batch_latency.observe(s.elapsed().as_secs_f64());
+                }
+                if let Some(ts) = b.oldest_ts_ms {
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(ts);
+                    m.record_latency
+                        .observe((now_ms - ts).max(0) as f64 / 1000.0);
+                }
+                let s = &mut inner.summary;
+                s.records_in += b.records;
+                s.records_out += b.alerts + b.dlq + b.other;
+                s.dlq += b.dlq;
+                s.committed += 1;
+                if s.committed == 1 {
+                    // Start-up/recovery time: process start to first commit.
+                    info!(
+                        ms = self.started.elapsed().as_millis() as u64,
+                        "first transaction committed"
+                    );
+                }
+                debug!(records = b.records, "committed");
+            }
+            Err(e) => {
+                warn!(error = %e, "commit failed");
+                self.fail(inner, &e);
+            }
+        }
+    }
+
+    /// Recovers from a failed produce/commit: abort (or recreate the
+    /// producer) and rewind.
+    fn fail(&self, inner: &mut Inner<T>, e: &KafkaError) {
+        // Recreate when the producer is unusable, and also when a call kept
+        // timing out: a stuck coordinator connection does not heal by
+        // retrying on the same client (seen after a broker restart).
+        if matches!(classify(e), Recovery::Recreate | Recovery::Retry) {
+            warn!(error = %e, "recreating the transactional producer");
+            drop_producer(inner);
+            inner.batch = Batch::default();
+            inner.summary.aborted += 1;
+            self.shared
+                .metrics
+                .transactions
+                .with_label_values(&["aborted"])
+                .inc();
+        } else {
+            abort_open(&self.shared, inner, "transaction failed");
+        }
+        inner.needs_rewind = true;
+    }
+
+    /// Reloads the state of all assigned partitions and seeks the consumer
+    /// back to the committed offsets.
+    fn rewind(&self, inner: &mut Inner<T>) {
+        let shared = &self.shared;
+        let p = &shared.params;
+        let parts: Vec<i32> = inner.assigned.iter().copied().collect();
+        info!(?parts, "rewinding to the last committed transaction");
+        for &part in &parts {
+            inner.transform.forget_partition(part);
+        }
+        if let Err(e) = restore_state(shared, inner, &parts) {
+            warn!(error = %e, "restore failed during rewind; retrying");
+            std::thread::sleep(Duration::from_millis(500));
+            return;
+        }
+        let committed = match self.consumer.committed(p.txn_call_timeout) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "fetching committed offsets failed during rewind; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+                return;
+            }
+        };
+        for el in committed.elements() {
+            if el.topic() != p.telemetry_topic || !inner.assigned.contains(&el.partition()) {
+                continue;
+            }
+            let to = match el.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            if let Err(e) =
+                self.consumer
+                    .seek(&p.telemetry_topic, el.partition(), to, p.txn_call_timeout)
+            {
+                warn!(error = %e, partition = el.partition(), "seek failed during rewind; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+                return;
+            }
+        }
+        inner.needs_rewind = false;
+        info!("rewound");
+    }
+}
+
+/// Produces one output; DLQ outputs get the source headers.
+fn produce_output(
+    producer: &TxnProducer,
+    p: &StreamParams,
+    rec: &Record<'_>,
+    o: &Output,
+) -> Result<(), KafkaError> {
+    let topic = match &o.topic {
+        Topic::Alerts => p.alerts_topic.as_str(),
+        Topic::Dlq => p.dlq_topic.as_str(),
+        Topic::Named(n) => n.as_str(),
+    };
+    let mut record = BaseRecord::to(topic)
+        .key(&o.key[..])
+        .payload(&o.payload[..]);
+    let is_dlq = o.topic == Topic::Dlq;
+    // Headers cost a C allocation per record: only when there are some.
+    if !o.headers.is_empty() || is_dlq {
+        let mut headers = OwnedHeaders::new_with_capacity(o.headers.len() + 3);
+        for (k, v) in &o.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        if is_dlq {
+            let part = rec.partition.to_string();
+            let off = rec.offset.to_string();
+            headers = headers
+                .insert(Header {
+                    key: DLQ_SOURCE_TOPIC,
+                    value: Some(&p.telemetry_topic),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_PARTITION,
+                    value: Some(&part),
+                })
+                .insert(Header {
+                    key: DLQ_SOURCE_OFFSET,
+                    value: Some(&off),
+                });
+        }
+        record = record.headers(headers);
+    }
+    send_blocking(producer, record)
+}
+
+/// Client-side rejections that will recur on every replay of the record.
+fn rejects_record(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::UnknownPartition
+            | RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::InvalidArgument
+    )
+}
+
+/// Produces, waiting while the local queue is full (bounded memory).
+fn send_blocking(
+    producer: &TxnProducer,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Waits until every produced record is acknowledged (or `timeout`).
+fn wait_delivered(producer: &TxnProducer, timeout: Duration) {
+    let end = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_micros(250));
+    }
+}
+
+/// Calls a transactional API until it succeeds, fails non-retriably, or the
+/// retries run out.
+fn retry_call(
+    stop: &AtomicBool,
+    budget: Duration,
+    mut f: impl FnMut() -> Result<(), KafkaError>,
+) -> Result<(), KafkaError> {
+    // Past the transaction timeout the coordinator has aborted the
+    // transaction anyway: stop retrying and let the caller recreate.
+    let end = Instant::now() + budget;
+    let mut attempt = 0u32;
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if classify(&e) == Recovery::Retry
+                    && Instant::now() < end
+                    && !(stop.load(Ordering::Relaxed) && attempt > 3) =>
+            {
+                attempt += 1;
+                warn!(error = %e, attempt, "retriable transaction error");
+                std::thread::sleep(backoff(attempt));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

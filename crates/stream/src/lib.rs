@@ -1,0 +1,27 @@
+//! Kafka plumbing of waterbear: an exactly-once consume-transform-produce
+//! loop around a synchronous [`Transform`], with per-key state recovered
+//! from a compacted state topic, a DLQ, Prometheus metrics and graceful
+//! shutdown. See `docs/streaming.md`.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! use waterbear_stream::{StreamConfig, run, shutdown_signal, echo::EchoUpper};
+//! let mut cfg = StreamConfig::from_file("pipelines/streaming.toml")?;
+//! cfg.apply_env(); // KAFKA_BOOTSTRAP, WATERBEAR_INSTANCE_ID
+//! let params = cfg.validate()?;
+//! let summary = run(params, EchoUpper::new(), shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod config;
+pub mod echo;
+pub mod job;
+pub mod metrics;
+pub mod transform;
+
+pub use admin::ensure_topics;
+pub use config::{ConfigError, StreamConfig, StreamParams};
+pub use job::{RunSummary, StreamError, run, run_with_metrics, shutdown_signal};
+pub use metrics::{Metrics, serve_metrics};
+pub use transform::{DLQ_REASON_HEADER, Output, Record, Topic, Transform};
