@@ -78,14 +78,16 @@ fn fdr_far_png(
         .label(name.clone())
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
     }
-    for (name, far, fdr) in marks {
+    let mark_colors = [BLACK, RGBColor(230, 120, 0), RGBColor(0, 150, 60)];
+    for (i, (name, far, fdr)) in marks.iter().enumerate() {
         let far = far.max(1e-4);
+        let c = mark_colors[i % mark_colors.len()];
         tryp!(
-            chart.draw_series(std::iter::once(Circle::new((far, *fdr), 5, BLACK.filled()))),
+            chart.draw_series(std::iter::once(Circle::new((far, *fdr), 5, c.filled()))),
             path
         )
         .label(name.clone())
-        .legend(|(x, y)| Circle::new((x + 9, y), 4, BLACK.filled()));
+        .legend(move |(x, y)| Circle::new((x + 9, y), 4, c.filled()));
     }
     tryp!(
         chart
