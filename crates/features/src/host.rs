@@ -87,9 +87,9 @@ impl HostState {
         } else {
             (rec.ts_ms - self.last_ts_ms) as f64 / MS_PER_HOUR
         };
-        for i in 0..5 {
-            if delta[i] > 0.0 {
-                self.last_rise_ms[i] = Some(rec.ts_ms);
+        for (d, last) in delta.iter().zip(self.last_rise_ms.iter_mut()) {
+            if *d > 0.0 {
+                *last = Some(rec.ts_ms);
             }
         }
         let gap = if rec.heartbeat_age_s > p.heartbeat_gap_s {

@@ -129,14 +129,14 @@ impl<const K: usize> RingSums<K> {
         let full = self.len == self.ring.len();
         let slot = &mut self.ring[self.pos];
         if full {
-            for k in 0..K {
-                self.sums[k] -= slot[k];
+            for (sum, old) in self.sums.iter_mut().zip(slot.iter()) {
+                *sum -= old;
             }
         } else {
             self.len += 1;
         }
-        for k in 0..K {
-            self.sums[k] += values[k];
+        for (sum, new) in self.sums.iter_mut().zip(values.iter()) {
+            *sum += new;
         }
         *slot = values;
         self.pos += 1;

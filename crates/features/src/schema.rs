@@ -164,29 +164,6 @@ pub fn schema_hash(names: &[&str]) -> String {
     format!("{h:016x}")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_are_unique_and_in_order() {
-        let mut seen = std::collections::HashSet::new();
-        for (i, f) in Feature::ALL.iter().enumerate() {
-            assert_eq!(*f as usize, i);
-            assert_eq!(FEATURE_NAMES[i], f.name());
-            assert!(seen.insert(f.name()), "duplicate {}", f.name());
-        }
-    }
-
-    #[test]
-    fn schema_hash_depends_on_names_and_order() {
-        let a = schema_hash(&["x", "y"]);
-        assert_eq!(a, schema_hash(&["x", "y"]));
-        assert_ne!(a, schema_hash(&["y", "x"]));
-        assert_ne!(a, schema_hash(&["xy"]));
-    }
-}
-
 impl Feature {
     /// The feature with this column name.
     pub fn from_name(name: &str) -> Option<Feature> {
@@ -211,5 +188,28 @@ impl<'de> serde::Deserialize<'de> for Feature {
         let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         Feature::from_name(&name)
             .ok_or_else(|| serde::de::Error::custom(format!("unknown feature `{name}`")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_in_order() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, f) in Feature::ALL.iter().enumerate() {
+            assert_eq!(*f as usize, i);
+            assert_eq!(FEATURE_NAMES[i], f.name());
+            assert!(seen.insert(f.name()), "duplicate {}", f.name());
+        }
+    }
+
+    #[test]
+    fn schema_hash_depends_on_names_and_order() {
+        let a = schema_hash(&["x", "y"]);
+        assert_eq!(a, schema_hash(&["x", "y"]));
+        assert_ne!(a, schema_hash(&["y", "x"]));
+        assert_ne!(a, schema_hash(&["xy"]));
     }
 }

@@ -782,7 +782,7 @@ mod tests {
         let mut buf = Vec::new();
         while !fleet.done() {
             fleet.step(&mut buf);
-            all.extend(buf.drain(..));
+            all.append(&mut buf);
         }
         (all, fleet)
     }
@@ -861,8 +861,7 @@ mod tests {
                 .collect();
             let at_onset = before
                 .iter()
-                .filter(|r| r.ts_ms <= t.onset_ms)
-                .last()
+                .rfind(|r| r.ts_ms <= t.onset_ms)
                 .map_or(0, |r| r.smart_5_raw);
             let last = before.last().map_or(0, |r| r.smart_5_raw);
             if last >= at_onset + 10 {

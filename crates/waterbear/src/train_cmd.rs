@@ -72,22 +72,50 @@ pub struct DetectArgs {
 
 /// Runs `waterbear train`.
 pub fn train(args: TrainArgs) -> Result<()> {
-    let cfg = TrainConfig::load(&args.config).with_context(|| format!("loading {}", args.config.display()))?;
-    println!("{}", waterbear_train::train(&cfg, !args.quiet).context("training failed")?);
+    let cfg = TrainConfig::load(&args.config)
+        .with_context(|| format!("loading {}", args.config.display()))?;
+    println!(
+        "{}",
+        waterbear_train::train(&cfg, !args.quiet).context("training failed")?
+    );
     Ok(())
 }
 
 /// Runs `waterbear evaluate …`.
 pub fn evaluate(cmd: EvaluateCmd) -> Result<()> {
     match cmd {
-        EvaluateCmd::Backblaze { data, model, from, to, alarms_out, report_dir } => {
-            let r = waterbear_train::evaluate_backblaze(&BbEvalOptions { data, model, from, to, alarms_out, report_dir })
-                .context("backblaze evaluation failed")?;
+        EvaluateCmd::Backblaze {
+            data,
+            model,
+            from,
+            to,
+            alarms_out,
+            report_dir,
+        } => {
+            let r = waterbear_train::evaluate_backblaze(&BbEvalOptions {
+                data,
+                model,
+                from,
+                to,
+                alarms_out,
+                report_dir,
+            })
+            .context("backblaze evaluation failed")?;
             println!("{r}");
         }
-        EvaluateCmd::Smd { data, model, predictions_out, report_dir } => {
-            let r = waterbear_train::evaluate_smd(&SmdEvalOptions { data, model, predictions_out, report_dir })
-                .context("smd evaluation failed")?;
+        EvaluateCmd::Smd {
+            data,
+            model,
+            predictions_out,
+            report_dir,
+        } => {
+            let r = waterbear_train::evaluate_smd(&SmdEvalOptions {
+                data,
+                model,
+                predictions_out,
+                report_dir,
+            })
+            .context("smd evaluation failed")?;
             println!("{r}");
         }
     }
