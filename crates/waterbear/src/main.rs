@@ -42,6 +42,10 @@ enum Command {
     },
     /// Run a host agent owning the KVM VMs of this host.
     HostAgent(waterbear_vmm::HostAgentArgs),
+    /// Run the streaming job on Kafka (scorer and/or decider; docs/streaming.md).
+    Stream(waterbear_streamjob::cli::StreamArgs),
+    /// Feed simulated telemetry to Kafka (--to-kafka) and/or an NDJSON file (--to-file).
+    Simulate(waterbear_streamjob::cli::SimulateArgs),
 }
 
 fn main() -> Result<()> {
@@ -91,6 +95,15 @@ fn main() -> Result<()> {
         }
         Command::HostAgent(args) => {
             waterbear_vmm::run_host_agent(args.into_config()).context("host agent failed")?;
+            Ok(())
+        }
+        Command::Stream(args) => {
+            waterbear_streamjob::cli::stream(args).context("stream job failed")?;
+            Ok(())
+        }
+        Command::Simulate(args) => {
+            let n = waterbear_streamjob::cli::simulate(args).context("simulate failed")?;
+            println!("{n} records");
             Ok(())
         }
     }
