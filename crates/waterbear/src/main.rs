@@ -60,6 +60,10 @@ enum Command {
     },
     /// Score a `timestamp,value` CSV online: writes `timestamp,value,anomaly_score`.
     Detect(train_cmd::DetectArgs),
+    /// Run the streaming job on Kafka (scorer and/or decider; docs/streaming.md).
+    Stream(waterbear_streamjob::cli::StreamArgs),
+    /// Feed simulated telemetry to Kafka (--to-kafka) and/or an NDJSON file (--to-file).
+    Simulate(waterbear_streamjob::cli::SimulateArgs),
 }
 
 fn main() -> Result<()> {
@@ -124,6 +128,15 @@ fn main() -> Result<()> {
         Command::Detect(args) => train_cmd::detect(args),
         Command::HostAgent(args) => {
             waterbear_vmm::run_host_agent(args.into_config()).context("host agent failed")?;
+            Ok(())
+        }
+        Command::Stream(args) => {
+            waterbear_streamjob::cli::stream(args).context("stream job failed")?;
+            Ok(())
+        }
+        Command::Simulate(args) => {
+            let n = waterbear_streamjob::cli::simulate(args).context("simulate failed")?;
+            println!("{n} records");
             Ok(())
         }
     }

@@ -1,0 +1,314 @@
+//! Throughput and latency of the REAL waterbear job (scorer + decider, both
+//! exactly-once loops in this process) against a broker, next to the
+//! bare-consumer ceiling.
+//!
+//! ```text
+//! scripts/with-kafka.sh cargo run --release -p waterbear-streamjob --example job_bench -- --records 1000000
+//! ```
+//! 1. produce: the simulator's telemetry (wire JSON, key = host id) into a
+//!    fresh telemetry topic;
+//! 2. ceiling: a bare read_committed consumer reads it all;
+//! 3. end to end: the job (role both) from start until the decider has
+//!    consumed every score record (i.e. every telemetry record went through
+//!    validate -> features -> detector -> scores topic -> policy, two
+//!    transactions);
+//! 4. latency: simulator records paced at `--rate` for `--latency-secs`;
+//!    time from send to the record's score (stage 1) and to its decision
+//!    (stage 2) being visible to a read_committed reader.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::Producer;
+use rdkafka::{Offset, TopicPartitionList};
+use waterbear_policy::Decision;
+use waterbear_sim::{Fleet, SimConfig};
+use waterbear_stream::Metrics;
+use waterbear_streamjob::simulate::{send, telemetry_producer};
+use waterbear_streamjob::{JobConfig, Role, ScoreRecord, run_job_with_metrics};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Records for the throughput phases (approximately: whole fleet steps).
+    #[arg(long, default_value_t = 1_000_000)]
+    records: usize,
+    /// Hosts of the simulated fleet.
+    #[arg(long, default_value_t = 10_000)]
+    hosts: usize,
+    /// Telemetry and scores partitions.
+    #[arg(long, default_value_t = 6)]
+    partitions: i32,
+    /// Paced rate of the latency phase.
+    #[arg(long, default_value_t = 20_000)]
+    rate: u64,
+    /// Duration of the latency phase.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Base config.
+    #[arg(long, default_value = "pipelines/streaming.toml")]
+    config: String,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+fn job_config(args: &Args, tag: &str, bootstrap: &str) -> JobConfig {
+    let mut c = JobConfig::load(args.config.as_ref(), Some("0")).expect("config");
+    let id = format!("jb-{tag}-{}", now_us() % 1_000_000_000);
+    let s = &mut c.stream;
+    s.kafka.brokers = bootstrap.to_string();
+    s.kafka.group_id = format!("g-{id}");
+    s.kafka.transactional_id_prefix = format!("tx-{id}");
+    s.topics.telemetry = format!("in-{id}");
+    s.topics.alerts = format!("out-{id}");
+    s.topics.dlq = format!("dlq-{id}");
+    s.topics.state = format!("state-{id}");
+    s.partitions.telemetry = args.partitions;
+    s.partitions.alerts = args.partitions;
+    s.partitions.dlq = 1;
+    s.metrics.listen = String::new();
+    c.job.scores_topic = format!("scores-{id}");
+    c.job.scores_partitions = args.partitions;
+    c.job.decider_state_topic = format!("dstate-{id}");
+    c.params = c.stream.validate().expect("valid");
+    c
+}
+
+fn reader(c: &JobConfig, topic: &str, partitions: i32) -> BaseConsumer {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &c.params.brokers)
+        .set("group.id", format!("reader-{topic}"))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false");
+    for (k, v) in &c.params.consumer {
+        cfg.set(k, v);
+    }
+    let cons: BaseConsumer = cfg.create().expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    cons.assign(&tpl).unwrap();
+    cons
+}
+
+fn percentile(sorted: &[u64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn sim(hosts: usize, records: usize, failure_fraction: f64, seed: u64) -> Fleet {
+    let days = (records as f64 / hosts as f64 / 144.0).max(0.01);
+    Fleet::new(
+        SimConfig {
+            hosts,
+            days,
+            seed,
+            failure_fraction,
+            ..Default::default()
+        }
+        .check()
+        .expect("sim config"),
+    )
+}
+
+async fn wait_assigned(m: &[&Metrics], parts: i64) {
+    let t0 = Instant::now();
+    while m
+        .iter()
+        .any(|m| m.assigned_partitions.get() < parts || m.restore_seconds.get_sample_count() == 0)
+    {
+        assert!(t0.elapsed() < Duration::from_secs(90), "no partitions");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let args = Args::parse();
+    let bootstrap =
+        std::env::var("KAFKA_BOOTSTRAP").expect("set KAFKA_BOOTSTRAP or use scripts/with-kafka.sh");
+
+    // Phase 1: produce.
+    let cfg = job_config(&args, "tp", &bootstrap);
+    waterbear_stream::ensure_topics(&cfg.decider_params(true))
+        .await
+        .unwrap();
+    waterbear_stream::ensure_topics(&cfg.scorer_params())
+        .await
+        .unwrap();
+    let prod = telemetry_producer(&cfg.params).unwrap();
+    let mut fleet = sim(args.hosts, args.records, 0.08, 42);
+    let mut step = Vec::new();
+    let mut m = 0usize;
+    let t0 = Instant::now();
+    while !fleet.done() && m < args.records {
+        fleet.step(&mut step);
+        for r in &step {
+            send(&prod, &cfg.params.telemetry_topic, r).unwrap();
+        }
+        m += step.len();
+    }
+    prod.flush(Duration::from_secs(300)).unwrap();
+    let s = t0.elapsed().as_secs_f64();
+    println!(
+        "bench: {m} simulated records ({} hosts), {} partitions, broker {bootstrap}",
+        args.hosts, args.partitions
+    );
+    println!(
+        "produce (incl. simulation): {:>9.0} records/s",
+        m as f64 / s
+    );
+
+    // Phase 2: ceiling.
+    let c = reader(&cfg, &cfg.params.telemetry_topic, args.partitions);
+    let t0 = Instant::now();
+    let mut n = 0;
+    while n < m {
+        if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+            n += 1;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(600));
+    }
+    let ceiling = m as f64 / t0.elapsed().as_secs_f64();
+    println!("consume-only ceiling:       {ceiling:>9.0} records/s");
+    drop(c);
+
+    // Phase 3: end to end.
+    let (sm, dm) = (Metrics::new(), Metrics::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let t0 = Instant::now();
+    let job = tokio::spawn(run_job_with_metrics(
+        cfg.clone(),
+        Role::Both,
+        async {
+            let _ = rx.await;
+        },
+        sm.clone(),
+        dm.clone(),
+    ));
+    while (dm.records_in.get() as usize) < m {
+        assert!(
+            t0.elapsed() < Duration::from_secs(900),
+            "stalled: scorer {} decider {}",
+            sm.records_in.get(),
+            dm.records_in.get()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let e2e_s = t0.elapsed().as_secs_f64();
+    let e2e = m as f64 / e2e_s;
+    tx.send(()).unwrap();
+    job.await.unwrap().expect("job");
+    println!(
+        "end to end (scorer+decider, EOS): {e2e:>9.0} records/s ({m} in {e2e_s:.2}s incl. group joins; dlq {})",
+        sm.dlq.get()
+    );
+    println!("ratio e2e/ceiling:          {:>9.2}", e2e / ceiling);
+
+    // Phase 4: latency.
+    let cfg = job_config(&args, "lat", &bootstrap);
+    let (sm, dm) = (Metrics::new(), Metrics::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let job = tokio::spawn(run_job_with_metrics(
+        cfg.clone(),
+        Role::Both,
+        async {
+            let _ = rx.await;
+        },
+        sm.clone(),
+        dm.clone(),
+    ));
+    wait_assigned(&[&sm, &dm], args.partitions as i64).await;
+    let sent: Arc<Mutex<HashMap<(String, i64), u64>>> = Arc::default();
+    let total = (args.rate * args.latency_secs) as usize;
+    let collectors: Vec<_> = [
+        (cfg.job.scores_topic.clone(), true),
+        (cfg.params.alerts_topic.clone(), false),
+    ]
+    .into_iter()
+    .map(|(topic, is_scores)| {
+        let sent = sent.clone();
+        let cfg = cfg.clone();
+        let parts = args.partitions;
+        std::thread::spawn(move || {
+            let c = reader(&cfg, &topic, parts);
+            let mut lat = Vec::new();
+            let end = Instant::now() + Duration::from_secs(args.latency_secs + 30);
+            while Instant::now() < end && (!is_scores || lat.len() < total) {
+                if let Some(Ok(msg)) = c.poll(Duration::from_millis(50)) {
+                    let now = now_us();
+                    let p = msg.payload().unwrap_or_default();
+                    let k = if is_scores {
+                        let s: ScoreRecord = serde_json::from_slice(p).unwrap();
+                        (s.host, s.ts)
+                    } else {
+                        let d: Decision = serde_json::from_slice(p).unwrap();
+                        (d.host_id, d.ts_ms)
+                    };
+                    if let Some(t) = sent.lock().unwrap().get(&k) {
+                        lat.push(now.saturating_sub(*t));
+                    }
+                }
+            }
+            lat
+        })
+    })
+    .collect();
+    let prod = telemetry_producer(&cfg.params).unwrap();
+    let hosts = (args.rate as usize / 10).max(100);
+    let mut fleet = sim(hosts, total, 0.5, 7);
+    let start = Instant::now();
+    let mut i = 0usize;
+    while !fleet.done() && i < total {
+        fleet.step(&mut step);
+        for r in &step {
+            let due = start + Duration::from_secs_f64(i as f64 / args.rate as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            sent.lock()
+                .unwrap()
+                .insert((r.host_id.clone(), r.ts_ms), now_us());
+            send(&prod, &cfg.params.telemetry_topic, r).unwrap();
+            i += 1;
+        }
+    }
+    prod.flush(Duration::from_secs(60)).unwrap();
+    let mut out = collectors.into_iter().map(|h| h.join().unwrap());
+    let (mut ls, mut ld) = (out.next().unwrap(), out.next().unwrap());
+    tx.send(()).unwrap();
+    job.await.unwrap().expect("job");
+    ls.sort_unstable();
+    ld.sort_unstable();
+    println!(
+        "latency @ {} rec/s ({hosts} hosts): send -> score visible p50 {:.1} ms p99 {:.1} ms ({} of {i}); send -> decision visible p50 {:.1} ms p99 {:.1} ms ({} decisions)",
+        args.rate,
+        percentile(&ls, 0.5),
+        percentile(&ls, 0.99),
+        ls.len(),
+        percentile(&ld, 0.5),
+        percentile(&ld, 0.99),
+        ld.len()
+    );
+}

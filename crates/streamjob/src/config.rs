@@ -1,0 +1,204 @@
+//! The job's config: `pipelines/streaming.toml` = the `waterbear-stream`
+//! sections plus `[job]` and the pipeline's `[features]`, `[baseline]`,
+//! `[policy]`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use waterbear_features::FeatureParams;
+use waterbear_pipeline::PipelineConfig;
+use waterbear_policy::PolicyParams;
+use waterbear_stream::{StreamConfig, StreamParams};
+
+use crate::{Decider, Scorer};
+
+/// Which stage(s) this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Stage 1: telemetry -> scores.
+    Scorer,
+    /// Stage 2: scores -> decisions.
+    Decider,
+    /// Both, as two loops in one process.
+    Both,
+}
+
+/// `[job]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobSection {
+    /// Topic of the score records (stage 1 -> stage 2), keyed by cluster.
+    pub scores_topic: String,
+    /// Its partition count (created if missing).
+    pub scores_partitions: i32,
+    /// Compacted state topic of the decider (one partition per scores partition).
+    pub decider_state_topic: String,
+    /// Consumer group / transactional id suffix of the decider.
+    pub decider_suffix: String,
+    /// How far a record's timestamp may be ahead of its Kafka timestamp, ms.
+    pub max_future_skew_ms: i64,
+    /// Most policy-log entries kept per cluster in the decider's state (the
+    /// oldest are dropped beyond it; see docs/streaming.md).
+    pub decider_log_max: usize,
+}
+
+impl Default for JobSection {
+    fn default() -> Self {
+        Self {
+            scores_topic: "scores".into(),
+            scores_partitions: 12,
+            decider_state_topic: "waterbear.decider.state".into(),
+            decider_suffix: "-decider".into(),
+            max_future_skew_ms: 5 * 60 * 1000,
+            decider_log_max: 20_000,
+        }
+    }
+}
+
+/// A config error.
+#[derive(Debug, thiserror::Error)]
+pub enum JobConfigError {
+    /// Reading the file.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax or an unknown/mistyped field.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The stream sections.
+    #[error(transparent)]
+    Stream(#[from] waterbear_stream::ConfigError),
+    /// The pipeline sections.
+    #[error(transparent)]
+    Pipeline(#[from] waterbear_pipeline::PipelineError),
+}
+
+/// The whole job config, checked.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// Kafka side (env overrides applied by [`JobConfig::load`]).
+    pub stream: StreamConfig,
+    /// Validated stream parameters.
+    pub params: StreamParams,
+    /// `[job]`.
+    pub job: JobSection,
+    /// `[features]`, `[baseline]`, `[policy]`.
+    pub pipeline: PipelineConfig,
+    features: FeatureParams,
+    policy: PolicyParams,
+}
+
+impl JobConfig {
+    /// Reads `path`, applies `KAFKA_BOOTSTRAP`/`WATERBEAR_INSTANCE_ID` and
+    /// `instance_id` (if given), checks everything.
+    pub fn load(path: &Path, instance_id: Option<&str>) -> Result<Self, JobConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| JobConfigError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string(), instance_id)
+    }
+
+    /// Like [`JobConfig::load`] from text.
+    pub fn from_toml_str(
+        text: &str,
+        origin: &str,
+        instance_id: Option<&str>,
+    ) -> Result<Self, JobConfigError> {
+        let perr = |message: String| JobConfigError::Parse {
+            path: origin.to_string(),
+            message,
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| perr(e.to_string()))?;
+        let job: JobSection = match table.remove("job") {
+            Some(v) => v
+                .try_into()
+                .map_err(|e: toml::de::Error| perr(format!("[job]: {e}")))?,
+            None => JobSection::default(),
+        };
+        let mut pipe = toml::Table::new();
+        for k in ["features", "baseline", "policy"] {
+            if let Some(v) = table.remove(k) {
+                pipe.insert(k.to_string(), v);
+            }
+        }
+        let pipeline: PipelineConfig = toml::Value::Table(pipe)
+            .try_into()
+            .map_err(|e: toml::de::Error| perr(e.to_string()))?;
+        let rest = toml::to_string(&table).map_err(|e| perr(e.to_string()))?;
+        let mut stream = StreamConfig::from_toml_str(&rest, origin)?;
+        stream.apply_env();
+        if let Some(id) = instance_id {
+            stream.kafka.instance_id = id.to_string();
+        }
+        let params = stream.validate()?;
+        let features = pipeline
+            .features
+            .clone()
+            .check()
+            .map_err(waterbear_pipeline::PipelineError::from)?;
+        let policy = pipeline
+            .policy
+            .clone()
+            .check()
+            .map_err(waterbear_pipeline::PipelineError::from)?;
+        Ok(Self {
+            stream,
+            params,
+            job,
+            pipeline,
+            features,
+            policy,
+        })
+    }
+
+    /// Stage 1's stream parameters (as configured).
+    pub fn scorer_params(&self) -> StreamParams {
+        self.params.clone()
+    }
+
+    /// Stage 2's: input = scores topic, own group, transactional id and state
+    /// topic; metrics only when it runs alone (`with_scorer` false).
+    pub fn decider_params(&self, with_scorer: bool) -> StreamParams {
+        let mut p = self.params.clone();
+        let sfx = &self.job.decider_suffix;
+        p.group_id = format!("{}{sfx}", p.group_id);
+        p.transactional_id = format!("{}{sfx}", p.transactional_id);
+        p.telemetry_topic = self.job.scores_topic.clone();
+        p.telemetry_partitions = self.job.scores_partitions;
+        p.state_topic = self.job.decider_state_topic.clone();
+        if with_scorer {
+            p.metrics_listen = None;
+        }
+        p
+    }
+
+    /// A fresh stage-1 transform.
+    pub fn scorer(&self) -> Scorer {
+        Scorer::new(
+            self.features.clone(),
+            self.pipeline.baseline.clone(),
+            self.job.scores_topic.clone(),
+            self.job.max_future_skew_ms,
+        )
+    }
+
+    /// A fresh stage-2 transform.
+    pub fn decider(&self) -> Decider {
+        Decider::new(
+            self.policy.clone(),
+            self.pipeline.policy.enter_threshold,
+            self.job.decider_log_max,
+        )
+    }
+}

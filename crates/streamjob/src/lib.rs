@@ -1,0 +1,112 @@
+//! The waterbear streaming job on Kafka, in two stages around
+//! [`waterbear_stream::run`] (see `docs/streaming.md`):
+//!
+//! * [`Scorer`] (stage 1, input `telemetry` keyed by host): decode + validate
+//!   (invalid records go to the DLQ with the error kind and message), features,
+//!   detector; emits a compact [`ScoreRecord`] to the `scores` topic keyed by
+//!   CLUSTER. Per-host state (feature `HostState` and the validator's last
+//!   timestamp/counters) is persisted through the per-key state topic.
+//! * [`Decider`] (stage 2, input `scores` keyed by cluster, so one writer per
+//!   cluster): runs the `Policy` over the cluster's scores and produces
+//!   serde_json `Decision`s to `alerts` keyed by host. Its state is the
+//!   cluster's log of the scores that changed the policy's state; on restore the
+//!   policy is rebuilt by replaying that log (the policy is pure), discarding
+//!   the decisions the replay makes (they were committed before).
+
+pub mod cli;
+pub mod config;
+pub mod decider;
+pub mod scorer;
+pub mod simulate;
+
+pub use config::{JobConfig, JobConfigError, JobSection, Role};
+pub use decider::Decider;
+pub use scorer::{ScoreRecord, Scorer};
+pub use simulate::{SimulateError, SimulateOptions, simulate};
+
+use waterbear_stream::{Metrics, run_with_metrics};
+
+/// Header with the validation error kind on DLQ records (the message is in
+/// `dlq.reason`, as `kind: message`).
+pub const DLQ_KIND_HEADER: &str = "dlq.kind";
+
+/// Runs the job's role(s) until `shutdown` completes (SIGTERM/SIGINT in the
+/// binary). With [`Role::Both`] the scorer and the decider run as two
+/// exactly-once loops in this process.
+pub async fn run_job<S>(
+    cfg: JobConfig,
+    role: Role,
+    shutdown: S,
+) -> Result<(), waterbear_stream::StreamError>
+where
+    S: std::future::Future<Output = ()> + Send + 'static,
+{
+    run_job_with_metrics(cfg, role, shutdown, Metrics::new(), Metrics::new()).await
+}
+
+/// [`run_job`] with caller-provided metrics for the scorer and the decider
+/// (the benchmark reads them in-process).
+pub async fn run_job_with_metrics<S>(
+    cfg: JobConfig,
+    role: Role,
+    shutdown: S,
+    scorer_metrics: Metrics,
+    decider_metrics: Metrics,
+) -> Result<(), waterbear_stream::StreamError>
+where
+    S: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let tx = std::sync::Arc::new(tx);
+    let stop = tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let scorer_params = cfg.scorer_params();
+    let decider_params = cfg.decider_params(role == Role::Both);
+    // The decider's topics first: the scores topic must exist before the
+    // scorer produces to it.
+    if cfg.stream.topics.create {
+        waterbear_stream::ensure_topics(&decider_params).await?;
+        waterbear_stream::ensure_topics(&scorer_params).await?;
+    }
+    match role {
+        Role::Scorer => {
+            let s = run_with_metrics(scorer_params, cfg.scorer(), wait(rx), scorer_metrics).await?;
+            tracing::info!(?s, "scorer stopped");
+        }
+        Role::Decider => {
+            let s =
+                run_with_metrics(decider_params, cfg.decider(), wait(rx), decider_metrics).await?;
+            tracing::info!(?s, "decider stopped");
+        }
+        Role::Both => {
+            // If one loop fails, stop the other too (the process exits non-zero).
+            let (ta, tb) = (tx.clone(), tx.clone());
+            let (scorer, decider, rxa) = (cfg.scorer(), cfg.decider(), rx.clone());
+            let a = async move {
+                let r = run_with_metrics(scorer_params, scorer, wait(rxa), scorer_metrics).await;
+                if r.is_err() {
+                    let _ = ta.send(true);
+                }
+                r
+            };
+            let b = async move {
+                let r = run_with_metrics(decider_params, decider, wait(rx), decider_metrics).await;
+                if r.is_err() {
+                    let _ = tb.send(true);
+                }
+                r
+            };
+            let (a, b) = tokio::join!(a, b);
+            tracing::info!(scorer = ?a, decider = ?b, "stopped");
+            a?;
+            b?;
+        }
+    }
+    Ok(())
+}
