@@ -101,6 +101,9 @@ pub enum BackendError {
         /// Target agent.
         target: String,
     },
+    /// A shadow-mode decision reached the executor; it is logged, never executed.
+    #[error("shadow decision: logged, not executed")]
+    Shadow,
 }
 
 /// What one operation did on the fleet.
@@ -261,16 +264,27 @@ impl<B: Backend> Executor<B> {
     }
 
     /// Executes `d` (once: a repeated id returns the first report unchanged).
-    /// `accept` says which hosts may receive migrated VMs.
+    /// VMs go to the decision's proposed targets when it has some, else to hosts
+    /// `accept` allows. A shadow decision is never executed: it fails with a reason.
     pub fn execute(&mut self, d: &Decision, accept: &dyn Fn(&str) -> bool) -> ExecutionReport {
         if let Some(r) = self.done.get(&d.id) {
             return r.clone();
         }
-        let res = match d.action {
-            Action::LiveMigrate => self.backend.live_migrate(&d.host_id, accept),
-            Action::Tardigrade { phase } => self.backend.tardigrade(&d.host_id, phase),
-            Action::Reboot => self.backend.reboot(&d.host_id),
-            Action::OutOfRotation => self.backend.take_out(&d.host_id, accept),
+        let planned = |h: &str| d.targets.iter().any(|t| t.host_id == h);
+        let accept: &dyn Fn(&str) -> bool = if d.targets.is_empty() {
+            accept
+        } else {
+            &planned
+        };
+        let res = if d.shadow {
+            Err(BackendError::Shadow)
+        } else {
+            match d.action {
+                Action::LiveMigrate => self.backend.live_migrate(&d.host_id, accept),
+                Action::Tardigrade { phase } => self.backend.tardigrade(&d.host_id, phase),
+                Action::Reboot => self.backend.reboot(&d.host_id),
+                Action::OutOfRotation => self.backend.take_out(&d.host_id, accept),
+            }
         };
         let report = match res {
             Ok(op) => ExecutionReport {
@@ -396,6 +410,15 @@ pub(crate) mod tests {
             reasons: vec![],
             model: "m".into(),
             why: "test".into(),
+            rule: "ladder".into(),
+            window: Default::default(),
+            ttf_ms: None,
+            evacuation_ms: None,
+            targets: vec![],
+            alternatives: vec![],
+            commands: vec![],
+            shadow: false,
+            features: None,
         }
     }
 
@@ -454,6 +477,33 @@ pub(crate) mod tests {
         );
         let p: ExecutionReport = serde_json::from_str(&partial).unwrap();
         assert_eq!(p.report.unwrap().measured.unwrap().freeze_ms, Some(2.0));
+    }
+
+    #[test]
+    fn honours_targets_and_never_executes_shadow_decisions() {
+        let fleet = Fleet::new(
+            SimConfig {
+                hosts: 20,
+                ..SimConfig::default()
+            }
+            .check()
+            .unwrap(),
+        );
+        let mut exec = Executor::new(SimBackend::new(fleet));
+        let mut d = decision("host-00003", Action::LiveMigrate, "d1");
+        d.targets = vec![waterbear_policy::Target {
+            host_id: "host-00017".into(),
+            vms: 16,
+        }];
+        let r = exec.execute(&d, &|_| true);
+        let fleet = exec.backend().fleet();
+        assert!(!fleet.host("host-00003").unwrap().in_service);
+        assert!(r.report.unwrap().vms_moved > 0);
+        let mut s = decision("host-00004", Action::Reboot, "d2");
+        s.shadow = true;
+        let r = exec.execute(&s, &|_| true);
+        assert!(matches!(r.outcome(), Outcome::Failed { reason } if reason.contains("shadow")));
+        assert_eq!(exec.backend().fleet().interruptions(), 0);
     }
 
     #[test]

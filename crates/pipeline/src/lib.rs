@@ -20,9 +20,11 @@
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use waterbear_features::{FeatureConfig, FeatureSet, FeatureVector, HostIdx, ParamError};
+use waterbear_features::{Feature, FeatureConfig, FeatureSet, FeatureVector, HostIdx, ParamError};
 use waterbear_models::{BaselineConfig, Detector, RuleBaseline, Score};
-use waterbear_policy::{ConfigError, Decision, HostInfo, Outcome, Policy, PolicyConfig};
+use waterbear_policy::{
+    Command, ConfigError, Decision, HostInfo, Notice, Outcome, Policy, PolicyConfig,
+};
 use waterbear_telemetry::{HostRecord, Limits, ValidationError, Validator};
 
 /// Settings of the per-record pipeline (`[features]`, `[baseline]`, `[policy]` in a
@@ -112,13 +114,25 @@ impl Pipeline {
         let info = HostInfo {
             host_id: &rec.host_id,
             cluster: &rec.cluster,
+            rack: &rec.rack,
             fault_domain: rec.fault_domain,
             update_domain: rec.update_domain,
+            // telemetry carries no VM placement: one cluster-wide availability set
+            availability_sets: &[],
             vm_count: rec.vms.len() as u32,
+            vm_mem_mib: rec.vms.iter().map(|v| u64::from(v.mem_mib)).sum(),
         };
-        let decision = self
+        let mut decision = self
             .policy
             .observe(host, &info, rec.ts_ms, &score, &self.model);
+        if let Some(d) = &mut decision {
+            d.features = Some(
+                Feature::ALL
+                    .iter()
+                    .map(|&f| (f.name().to_owned(), features[f]))
+                    .collect(),
+            );
+        }
         Step {
             host,
             features,
@@ -135,6 +149,27 @@ impl Pipeline {
     /// The policy (for stats, budgets and target health).
     pub fn policy(&self) -> &Policy {
         &self.policy
+    }
+
+    /// The policy, mutably (for inputs other than records: the executor's bandwidth).
+    pub fn policy_mut(&mut self) -> &mut Policy {
+        &mut self.policy
+    }
+
+    /// Applies an operator command (pause, resume, force, forbid, return to service).
+    pub fn command(&mut self, cmd: &Command) -> bool {
+        self.policy.command(cmd)
+    }
+
+    /// The receiver's clock, for the circuit breaker's staleness check.
+    pub fn tick(&mut self, now_ms: i64) {
+        self.policy.tick(now_ms);
+    }
+
+    /// Policy notices (infrastructure incidents, circuit breaker, commands) since the
+    /// last call.
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        self.policy.take_notices()
     }
 
     /// The features (for host lookups).

@@ -26,6 +26,11 @@ struct HostEntry {
     id: String,
     fd: u32,
     ud: u32,
+    #[serde(default)]
+    rack: String,
+    /// Latest guest memory on the host, MiB (replay uses the latest, not the historic, value).
+    #[serde(default)]
+    vm_mem_mib: u64,
 }
 
 /// (host index, ts, score, signature, vms)
@@ -102,6 +107,8 @@ impl Decider {
                     id: s.host.clone(),
                     fd: s.fd,
                     ud: s.ud,
+                    rack: s.rack.clone(),
+                    vm_mem_mib: s.vm_mem_mib,
                 });
                 i
             }
@@ -110,6 +117,10 @@ impl Decider {
             let h = &mut slot.state.hosts[idx as usize];
             h.fd = s.fd;
             h.ud = s.ud;
+            h.vm_mem_mib = s.vm_mem_mib;
+            if h.rack != s.rack {
+                h.rack = s.rack.clone();
+            }
         }
         let relevant = !(s.score < enter && slot.policy.is_healthy_target(idx));
         if relevant {
@@ -137,9 +148,12 @@ impl Decider {
         let info = HostInfo {
             host_id: &s.host,
             cluster: &s.cluster,
+            rack: &s.rack,
             fault_domain: s.fd,
             update_domain: s.ud,
+            availability_sets: &[],
             vm_count: s.vms,
+            vm_mem_mib: s.vm_mem_mib,
         };
         let d = slot.policy.observe(idx, &info, s.ts, &score, &s.model);
         if d.is_some() {
@@ -207,9 +221,12 @@ impl Transform for Decider {
             let info = HostInfo {
                 host_id: &h.id,
                 cluster: &cluster,
+                rack: &h.rack,
                 fault_domain: h.fd,
                 update_domain: h.ud,
+                availability_sets: &[],
                 vm_count: vms,
+                vm_mem_mib: h.vm_mem_mib,
             };
             let score = Score {
                 value,
@@ -257,6 +274,8 @@ mod tests {
             fd: 1,
             ud: 0,
             vms: 3,
+            rack: "r".into(),
+            vm_mem_mib: 3 * 4096,
             ts,
             score,
             sig: Signature::Disk,

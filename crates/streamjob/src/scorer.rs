@@ -25,6 +25,12 @@ pub struct ScoreRecord {
     pub ud: u32,
     /// VMs on the host.
     pub vms: u32,
+    /// Rack of the host (the policy's common-cause guard groups by it).
+    #[serde(default)]
+    pub rack: String,
+    /// Guest memory on the host, MiB (the policy's evacuation-time estimate).
+    #[serde(default)]
+    pub vm_mem_mib: u64,
     /// Record timestamp, ms.
     pub ts: i64,
     /// Risk in [0, 1].
@@ -182,6 +188,8 @@ impl Scorer {
             fd: rec.fault_domain,
             ud: rec.update_domain,
             vms: rec.vms.len() as u32,
+            rack: rec.rack.clone(),
+            vm_mem_mib: rec.vms.iter().map(|v| u64::from(v.mem_mib)).sum(),
             ts: rec.ts_ms,
             score: score.value,
             sig: score.signature,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use thiserror::Error;
 use waterbear_executor::{Executor, SimBackend};
 use waterbear_pipeline::{Pipeline, PipelineError};
-use waterbear_policy::{Action, Decision};
+use waterbear_policy::{Action, BudgetKind, Decision};
 use waterbear_sim::{FailureMode, Fleet, TelemetryWriter};
 
 use crate::config::DemoConfig;
@@ -185,6 +185,7 @@ struct DeadLetter<'a> {
 
 /// Runs the demo and writes under `out_dir`: `telemetry.parquet`, `truth.ndjson`,
 /// `truth.parquet`, `decisions.ndjson`, `outcomes.ndjson`, `dead_letter.ndjson`,
+/// `policy_records.ndjson` (infrastructure incidents, circuit breaker, commands),
 /// `summary.json` and `summary.md`.
 pub fn run_demo(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
     run_demo_with(opts, None)
@@ -221,6 +222,7 @@ pub(crate) fn run_demo_with(
     let mut decisions_out = Ndjson::create(&out.join("decisions.ndjson"))?;
     let mut outcomes_out = Ndjson::create(&out.join("outcomes.ndjson"))?;
     let mut dead = Ndjson::create(&out.join("dead_letter.ndjson"))?;
+    let mut notices_out = Ndjson::create(&out.join("policy_records.ndjson"))?;
 
     let (_, ticks) = exec.backend().fleet().progress();
     let bar = if opts.progress {
@@ -276,6 +278,11 @@ pub(crate) fn run_demo_with(
                     continue;
                 }
             };
+            if pipeline.policy().has_notices() {
+                for n in pipeline.take_notices() {
+                    notices_out.write(&n)?;
+                }
+            }
             let Some(d) = step.decision else { continue };
             decisions_out.write(&d)?;
             let report = {
@@ -294,7 +301,8 @@ pub(crate) fn run_demo_with(
             let in_use = pipeline
                 .policy()
                 .budget_usage()
-                .map(|(_, n)| n)
+                .filter(|b| b.kind == BudgetKind::FaultDomain)
+                .map(|b| b.used)
                 .max()
                 .unwrap_or(0);
             summary.max_in_flight_per_fault_domain =
@@ -321,6 +329,7 @@ pub(crate) fn run_demo_with(
     decisions_out.finish()?;
     outcomes_out.finish()?;
     dead.finish()?;
+    notices_out.finish()?;
 
     let mut fleet = exec.backend().fleet().clone();
     fleet.settle();

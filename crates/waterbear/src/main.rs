@@ -64,6 +64,49 @@ enum Command {
     Stream(waterbear_streamjob::cli::StreamArgs),
     /// Feed simulated telemetry to Kafka (--to-kafka) and/or an NDJSON file (--to-file).
     Simulate(waterbear_streamjob::cli::SimulateArgs),
+    /// Print the chain behind one decision of a demo or backtest run.
+    Explain {
+        /// Decision (or policy record) id.
+        id: String,
+        /// Run directory (decisions.ndjson, outcomes.ndjson, policy_records.ndjson).
+        #[arg(long, default_value = "out/demo")]
+        run: PathBuf,
+    },
+    /// Replay recorded traces through policy variants and baselines; print the trade-off.
+    Backtest(BacktestArgs),
+}
+
+#[derive(clap::Args)]
+struct BacktestArgs {
+    /// Output directory.
+    #[arg(long, default_value = "out/backtest")]
+    out: PathBuf,
+    /// Simulated hosts (0: skip the sim trace).
+    #[arg(long, default_value_t = 500)]
+    hosts: usize,
+    /// Simulated days.
+    #[arg(long, default_value_t = 30.0)]
+    days: f64,
+    /// Simulator seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Backblaze sample; default: data/backblaze-sample.parquet if present, else
+    /// data/backblaze-policy-sample.parquet.
+    #[arg(long)]
+    backblaze: Option<PathBuf>,
+    /// Skip the Backblaze trace.
+    #[arg(long)]
+    no_backblaze: bool,
+    /// Write a Backblaze sample from this full drive-day file to --backblaze (or the
+    /// default path) and exit.
+    #[arg(long)]
+    make_sample_from: Option<PathBuf>,
+    /// Healthy drives in a made sample (every failed drive is kept).
+    #[arg(long, default_value_t = 1500)]
+    sample_healthy: usize,
+    /// Skip the PNG plot.
+    #[arg(long)]
+    no_plot: bool,
 }
 
 fn main() -> Result<()> {
@@ -126,6 +169,14 @@ fn main() -> Result<()> {
         Command::Train(args) => train_cmd::train(args),
         Command::Evaluate { what } => train_cmd::evaluate(what),
         Command::Detect(args) => train_cmd::detect(args),
+        Command::Explain { id, run } => {
+            print!(
+                "{}",
+                waterbear::explain(&run, &id).context("explain failed")?
+            );
+            Ok(())
+        }
+        Command::Backtest(a) => backtest(a),
         Command::HostAgent(args) => {
             waterbear_vmm::run_host_agent(args.into_config()).context("host agent failed")?;
             Ok(())
@@ -140,4 +191,45 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn backtest(a: BacktestArgs) -> Result<()> {
+    let bb = a.backblaze.clone().unwrap_or_else(|| {
+        let shared = PathBuf::from("data/backblaze-sample.parquet");
+        if shared.exists() {
+            shared
+        } else {
+            PathBuf::from("data/backblaze-policy-sample.parquet")
+        }
+    });
+    if let Some(src) = &a.make_sample_from {
+        let n = waterbear::make_backblaze_sample(src, &bb, a.sample_healthy)
+            .context("making the Backblaze sample")?;
+        println!("wrote {n} drive-days to {}", bb.display());
+        return Ok(());
+    }
+    let sim = (a.hosts > 0).then(|| waterbear_sim::SimConfig {
+        hosts: a.hosts,
+        days: a.days,
+        seed: a.seed,
+        ..Default::default()
+    });
+    let backblaze = if a.no_backblaze {
+        None
+    } else if bb.exists() {
+        Some(bb)
+    } else {
+        tracing::warn!(path = %bb.display(), "no Backblaze sample: skipping that trace");
+        None
+    };
+    let report = waterbear::run_backtest(&waterbear::BacktestOptions {
+        out_dir: a.out,
+        sim,
+        backblaze,
+        plot: !a.no_plot,
+    })
+    .context("backtest failed")?;
+    println!("{}", report.to_markdown());
+    println!("Outputs: {}", report.out_dir);
+    Ok(())
 }

@@ -159,6 +159,15 @@ pub fn decision(host: &str, incident: u64, action: Action, ts_ms: i64) -> Decisi
         reasons: vec![],
         model: "rule-baseline@1".into(),
         why: "test".into(),
+        rule: "ladder".into(),
+        window: Default::default(),
+        ttf_ms: None,
+        evacuation_ms: None,
+        targets: vec![],
+        alternatives: vec![],
+        commands: vec![],
+        shadow: false,
+        features: None,
     }
 }
 
