@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 log=$(mktemp -t waterbear-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
 
-cargo_test=(cargo test --workspace --release --locked "$@")
+# --no-fail-fast: one failing test binary must not hide the results of the others
+cargo_test=(cargo test --workspace --release --locked --no-fail-fast "$@")
 status=0
 if [ -x scripts/with-kafka.sh ]; then
   scripts/with-kafka.sh "${cargo_test[@]}" 2>&1 | tee "$log" || status=$?
@@ -21,7 +22,7 @@ fi
 
 notebooks_passed=0
 notebooks_failed=0
-if [ "$status" -eq 0 ] && [ -x scripts/run-notebooks.sh ]; then
+if [ -x scripts/run-notebooks.sh ]; then
   if scripts/run-notebooks.sh 2>&1 | tee -a "$log"; then
     notebooks_passed=$(ls notebooks/*.ipynb 2>/dev/null | wc -l)
   else

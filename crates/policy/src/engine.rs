@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use waterbear_features::HostIdx;
 use waterbear_models::{Score, Signature};
 
@@ -33,7 +33,7 @@ pub struct HostInfo<'a> {
 }
 
 /// A disruption budget's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetKind {
     /// Fault domain of a cluster.
@@ -60,7 +60,7 @@ pub struct BudgetUse<'a> {
 }
 
 /// Counters of what the policy did and did not do.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyStats {
     /// Incidents raised.
     pub incidents: u64,
@@ -104,7 +104,7 @@ pub struct PolicyStats {
     pub evacuations: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct InFlight {
     id: String,
     action: Action,
@@ -113,7 +113,7 @@ struct InFlight {
     ladder_rung: Option<usize>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct HostPolicy {
     known: bool,
     id: String,
@@ -180,7 +180,7 @@ impl Default for HostPolicy {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Rack {
     name: String,
     cluster: u32,
@@ -191,7 +191,7 @@ struct Rack {
     drained: u32,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Breaker {
     id: String,
     baseline_hot_share: f64,
@@ -271,16 +271,29 @@ fn hours(ms: i64) -> f64 {
 #[derive(Debug, Clone)]
 pub struct Policy {
     params: PolicyParams,
+    st: State,
+}
+
+/// Everything the policy remembers between inputs: plain serde data, so a
+/// [`PolicySnapshot`] restores it exactly (no replay needed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct State {
     hosts: Vec<HostPolicy>,
+    #[serde(with = "pairs")]
     by_name: HashMap<String, HostIdx>,
     clusters: Vec<String>,
+    #[serde(with = "pairs")]
     cluster_index: HashMap<String, u32>,
     racks: Vec<Rack>,
+    #[serde(with = "pairs")]
     rack_index: HashMap<(u32, String), u32>,
+    #[serde(with = "pairs")]
     budget_index: HashMap<(BudgetKind, u32, u32), usize>,
     budget_keys: Vec<(BudgetKind, u32, u32)>,
     budget_used: Vec<u32>,
+    #[serde(with = "pairs")]
     by_decision: HashMap<String, HostIdx>,
+    #[serde(with = "pairs")]
     pending_overrides: HashMap<String, Vec<Command>>,
     pauses: Vec<(String, Scope)>,
     tokens: f64,
@@ -297,36 +310,133 @@ pub struct Policy {
     stats: PolicyStats,
 }
 
+/// Serialises a map as a list of pairs sorted by key: JSON maps need string keys, and
+/// sorting makes the same state encode to the same bytes.
+mod pairs {
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<K, V, S>(m: &HashMap<K, V>, s: S) -> Result<S::Ok, S::Error>
+    where
+        K: Serialize + Ord,
+        V: Serialize,
+        S: Serializer,
+    {
+        let mut v: Vec<(&K, &V)> = m.iter().collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, K, V, D>(d: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        let v: Vec<(K, V)> = Vec::deserialize(d)?;
+        Ok(v.into_iter().collect())
+    }
+}
+
+/// Version of the [`PolicySnapshot`] encoding; bumped when [`Policy`]'s state changes shape.
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+/// A policy's whole state as plain serde data (parameters excluded: they come from the
+/// configuration). `Policy::from_snapshot(params, p.snapshot())` behaves exactly as `p`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicySnapshot {
+    version: u32,
+    state: State,
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// Written by another version of the policy.
+    #[error("policy snapshot version {found}, this build reads {expected}")]
+    Version {
+        /// In the snapshot.
+        found: u32,
+        /// What this build writes.
+        expected: u32,
+    },
+    /// Indices in the snapshot do not agree with each other.
+    #[error("policy snapshot is inconsistent: {0}")]
+    Inconsistent(&'static str),
+}
+
 impl Policy {
     /// A policy with nothing in flight.
     pub fn new(params: PolicyParams) -> Self {
         Self {
-            tokens: f64::from(params.evacuation_burst),
-            bandwidth_mib_per_s: params.migrate_mib_per_s,
+            st: State {
+                tokens: f64::from(params.evacuation_burst),
+                bandwidth_mib_per_s: params.migrate_mib_per_s,
+                hosts: Vec::new(),
+                by_name: HashMap::new(),
+                clusters: Vec::new(),
+                cluster_index: HashMap::new(),
+                racks: Vec::new(),
+                rack_index: HashMap::new(),
+                budget_index: HashMap::new(),
+                budget_keys: Vec::new(),
+                budget_used: Vec::new(),
+                by_decision: HashMap::new(),
+                pending_overrides: HashMap::new(),
+                pauses: Vec::new(),
+                tokens_ts: i64::MIN,
+                newest_ts: i64::MIN,
+                tick_now_ms: i64::MIN,
+                next_check_ms: i64::MIN,
+                hot_hosts: 0,
+                last_reporting: 0,
+                prev_hot_share: 0.0,
+                breaker: None,
+                notices: Vec::new(),
+                stats: PolicyStats::default(),
+            },
             params,
-            hosts: Vec::new(),
-            by_name: HashMap::new(),
-            clusters: Vec::new(),
-            cluster_index: HashMap::new(),
-            racks: Vec::new(),
-            rack_index: HashMap::new(),
-            budget_index: HashMap::new(),
-            budget_keys: Vec::new(),
-            budget_used: Vec::new(),
-            by_decision: HashMap::new(),
-            pending_overrides: HashMap::new(),
-            pauses: Vec::new(),
-            tokens_ts: i64::MIN,
-            newest_ts: i64::MIN,
-            tick_now_ms: i64::MIN,
-            next_check_ms: i64::MIN,
-            hot_hosts: 0,
-            last_reporting: 0,
-            prev_hot_share: 0.0,
-            breaker: None,
-            notices: Vec::new(),
-            stats: PolicyStats::default(),
         }
+    }
+
+    /// The whole state, to persist; see [`Policy::from_snapshot`].
+    pub fn snapshot(&self) -> PolicySnapshot {
+        PolicySnapshot {
+            version: SNAPSHOT_VERSION,
+            state: self.st.clone(),
+        }
+    }
+
+    /// A policy that continues exactly where the one that took `snap` was.
+    pub fn from_snapshot(
+        params: PolicyParams,
+        snap: PolicySnapshot,
+    ) -> Result<Self, SnapshotError> {
+        if snap.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version {
+                found: snap.version,
+                expected: SNAPSHOT_VERSION,
+            });
+        }
+        let st = snap.state;
+        if st.budget_keys.len() != st.budget_used.len()
+            || st.budget_index.len() != st.budget_keys.len()
+        {
+            return Err(SnapshotError::Inconsistent(
+                "budget tables differ in length",
+            ));
+        }
+        if st.by_name.values().any(|&i| i as usize >= st.hosts.len()) {
+            return Err(SnapshotError::Inconsistent("host index out of range"));
+        }
+        if st.cluster_index.len() != st.clusters.len() || st.rack_index.len() != st.racks.len() {
+            return Err(SnapshotError::Inconsistent(
+                "cluster or rack tables differ in length",
+            ));
+        }
+        Ok(Self { params, st })
     }
 
     /// The parameters in use.
@@ -336,17 +446,18 @@ impl Policy {
 
     /// Counters so far.
     pub fn stats(&self) -> &PolicyStats {
-        &self.stats
+        &self.st.stats
     }
 
     /// Every disruption budget seen so far and its use now.
     pub fn budget_usage(&self) -> impl Iterator<Item = BudgetUse<'_>> {
-        self.budget_keys
+        self.st
+            .budget_keys
             .iter()
-            .zip(self.budget_used.iter().copied())
+            .zip(self.st.budget_used.iter().copied())
             .map(|(&(kind, c, id), used)| BudgetUse {
                 kind,
-                cluster: &self.clusters[c as usize],
+                cluster: &self.st.clusters[c as usize],
                 id,
                 used,
                 limit: self.limit(kind),
@@ -363,30 +474,30 @@ impl Policy {
 
     /// Decisions in flight (awaiting an outcome).
     pub fn in_flight(&self) -> usize {
-        self.by_decision.len()
+        self.st.by_decision.len()
     }
 
     /// Whether the circuit breaker is open (no new actions).
     pub fn breaker_open(&self) -> bool {
-        self.breaker.is_some()
+        self.st.breaker.is_some()
     }
 
     /// Takes the notices (infrastructure incidents, circuit breaker, commands) recorded
     /// since the last call.
     pub fn take_notices(&mut self) -> Vec<Notice> {
-        std::mem::take(&mut self.notices)
+        std::mem::take(&mut self.st.notices)
     }
 
     /// Whether notices are waiting (cheap; for the per-record path).
     pub fn has_notices(&self) -> bool {
-        !self.notices.is_empty()
+        !self.st.notices.is_empty()
     }
 
     /// Sets the live-migration bandwidth from the executor's measurements, MiB/s
     /// (ignored unless finite and above the dirty rate).
     pub fn set_migration_bandwidth(&mut self, mib_per_s: f64) {
         if mib_per_s.is_finite() && mib_per_s > self.params.dirty_mib_per_s {
-            self.bandwidth_mib_per_s = mib_per_s;
+            self.st.bandwidth_mib_per_s = mib_per_s;
         }
     }
 
@@ -394,43 +505,43 @@ impl Policy {
     /// pre-copy sends memory at `bandwidth − dirty rate` net, VM after VM, plus a fixed
     /// cost per VM.
     pub fn evacuation_ms(&self, vms: u32, mem_mib: u64) -> i64 {
-        let net = self.bandwidth_mib_per_s - self.params.dirty_mib_per_s;
+        let net = self.st.bandwidth_mib_per_s - self.params.dirty_mib_per_s;
         (mem_mib as f64 / net * 1000.0) as i64 + self.params.per_vm_migration_ms * i64::from(vms)
     }
 
     fn intern_cluster(&mut self, name: &str) -> u32 {
-        if let Some(&i) = self.cluster_index.get(name) {
+        if let Some(&i) = self.st.cluster_index.get(name) {
             return i;
         }
-        let i = self.clusters.len() as u32;
-        self.clusters.push(name.to_owned());
-        self.cluster_index.insert(name.to_owned(), i);
+        let i = self.st.clusters.len() as u32;
+        self.st.clusters.push(name.to_owned());
+        self.st.cluster_index.insert(name.to_owned(), i);
         i
     }
 
     fn budget_slot(&mut self, key: (BudgetKind, u32, u32)) -> usize {
-        if let Some(&i) = self.budget_index.get(&key) {
+        if let Some(&i) = self.st.budget_index.get(&key) {
             return i;
         }
-        let i = self.budget_used.len();
-        self.budget_index.insert(key, i);
-        self.budget_used.push(0);
-        self.budget_keys.push(key);
+        let i = self.st.budget_used.len();
+        self.st.budget_index.insert(key, i);
+        self.st.budget_used.push(0);
+        self.st.budget_keys.push(key);
         i
     }
 
     #[cold]
     fn learn(&mut self, h: usize, info: &HostInfo<'_>) {
-        if h >= self.hosts.len() {
-            self.hosts.resize_with(h + 1, HostPolicy::default);
+        if h >= self.st.hosts.len() {
+            self.st.hosts.resize_with(h + 1, HostPolicy::default);
         }
         let c = self.intern_cluster(info.cluster);
         let rack_key = (c, info.rack.to_owned());
-        let rack = match self.rack_index.get(&rack_key) {
+        let rack = match self.st.rack_index.get(&rack_key) {
             Some(&r) => r,
             None => {
-                let r = self.racks.len() as u32;
-                self.racks.push(Rack {
+                let r = self.st.racks.len() as u32;
+                self.st.racks.push(Rack {
                     name: format!("{}/{}", info.cluster, info.rack),
                     cluster: c,
                     fd: info.fault_domain,
@@ -439,11 +550,11 @@ impl Policy {
                     incident: None,
                     drained: 0,
                 });
-                self.rack_index.insert(rack_key, r);
+                self.st.rack_index.insert(rack_key, r);
                 r
             }
         };
-        self.racks[rack as usize].hosts += 1;
+        self.st.racks[rack as usize].hosts += 1;
         let mut slots = vec![
             self.budget_slot((BudgetKind::FaultDomain, c, info.fault_domain)),
             self.budget_slot((BudgetKind::UpdateDomain, c, info.update_domain)),
@@ -458,7 +569,7 @@ impl Policy {
                 slots.push(self.budget_slot((BudgetKind::AvailabilitySet, c, s)));
             }
         }
-        let st = &mut self.hosts[h];
+        let st = &mut self.st.hosts[h];
         st.known = true;
         st.id = info.host_id.to_owned();
         st.cluster = c;
@@ -466,8 +577,10 @@ impl Policy {
         st.fd = info.fault_domain;
         st.ud = info.update_domain;
         st.slots = slots;
-        self.by_name.insert(info.host_id.to_owned(), h as HostIdx);
-        if let Some(cmds) = self.pending_overrides.remove(info.host_id) {
+        self.st
+            .by_name
+            .insert(info.host_id.to_owned(), h as HostIdx);
+        if let Some(cmds) = self.st.pending_overrides.remove(info.host_id) {
             for cmd in cmds {
                 self.apply_override(h, &cmd);
             }
@@ -486,11 +599,11 @@ impl Policy {
         model: &str,
     ) -> Option<Decision> {
         let h = host as usize;
-        if h >= self.hosts.len() || !self.hosts[h].known {
+        if h >= self.st.hosts.len() || !self.st.hosts[h].known {
             self.learn(h, info);
         }
         let quiet_below = self.params.probation_enter_threshold;
-        let st = &mut self.hosts[h];
+        let st = &mut self.st.hosts[h];
         st.vm_count = info.vm_count;
         st.mem_mib = info.vm_mem_mib;
         if ts_ms > st.last_ts {
@@ -500,8 +613,8 @@ impl Policy {
             st.last_ts = ts_ms;
         }
         st.last_score = score.value;
-        if ts_ms > self.newest_ts {
-            self.newest_ts = ts_ms;
+        if ts_ms > self.st.newest_ts {
+            self.st.newest_ts = ts_ms;
         }
         // fast path: a quiet host with nothing going on, and no check due
         if score.value < quiet_below
@@ -509,7 +622,7 @@ impl Policy {
             && !st.open
             && st.in_flight.is_none()
             && st.forced.is_none()
-            && ts_ms < self.next_check_ms
+            && ts_ms < self.st.next_check_ms
         {
             return None;
         }
@@ -518,30 +631,30 @@ impl Policy {
 
     fn expire(&mut self, h: usize, ts_ms: i64) {
         let timeout = self.params.action_timeout_ms;
-        let late = self.hosts[h]
+        let late = self.st.hosts[h]
             .in_flight
             .as_ref()
             .is_some_and(|f| ts_ms - f.since_ms > timeout);
         if late {
-            self.stats.timeouts += 1;
+            self.st.stats.timeouts += 1;
             self.finish(h, ts_ms, false);
         }
     }
 
     /// Ends the in-flight action of host `h` at `ts_ms`.
     fn finish(&mut self, h: usize, ts_ms: i64, succeeded: bool) {
-        let Some(f) = self.hosts[h].in_flight.take() else {
+        let Some(f) = self.st.hosts[h].in_flight.take() else {
             return;
         };
-        self.by_decision.remove(&f.id);
-        for &slot in &self.hosts[h].slots {
-            self.budget_used[slot] -= 1;
+        self.st.by_decision.remove(&f.id);
+        for &slot in &self.st.hosts[h].slots {
+            self.st.budget_used[slot] -= 1;
         }
         for &(t, n) in &f.reserved {
-            self.hosts[t].reserved_in -= n;
+            self.st.hosts[t].reserved_in -= n;
         }
         let p = &self.params;
-        let st = &mut self.hosts[h];
+        let st = &mut self.st.hosts[h];
         st.cooldown_until_ms = ts_ms.saturating_add(p.cooldown_ms);
         st.heal_wait_until_ms = if succeeded && heals(f.action) {
             ts_ms.saturating_add(p.heal_check_ms)
@@ -562,34 +675,34 @@ impl Policy {
     }
 
     fn set_hot(&mut self, h: usize, hot: bool, ts_ms: i64) {
-        let r = self.hosts[h].rack as usize;
-        self.hosts[h].hot = hot;
+        let r = self.st.hosts[h].rack as usize;
+        self.st.hosts[h].hot = hot;
         if hot {
-            self.hot_hosts += 1;
-            self.racks[r].hot.push((h, ts_ms));
+            self.st.hot_hosts += 1;
+            self.st.racks[r].hot.push((h, ts_ms));
             self.check_common_cause(r, ts_ms);
-            if self.breaker.is_none() {
+            if self.st.breaker.is_none() {
                 let share = self.hot_share();
-                let since = ts_ms - (self.next_check_ms - self.params.breaker_check_ms);
+                let since = ts_ms - (self.st.next_check_ms - self.params.breaker_check_ms);
                 if let Some(why) = self.jump_reason(share, since.max(0)) {
-                    let baseline = self.prev_hot_share;
+                    let baseline = self.st.prev_hot_share;
                     self.open_breaker(ts_ms, why, baseline);
                 }
             }
         } else {
-            self.hot_hosts -= 1;
-            self.racks[r].hot.retain(|&(x, _)| x != h);
-            let closing = if self.racks[r].hot.is_empty() {
-                self.racks[r].incident.take()
+            self.st.hot_hosts -= 1;
+            self.st.racks[r].hot.retain(|&(x, _)| x != h);
+            let closing = if self.st.racks[r].hot.is_empty() {
+                self.st.racks[r].incident.take()
             } else {
                 None
             };
             if let Some(id) = closing {
                 {
-                    self.racks[r].drained = 0;
-                    let rack = &self.racks[r];
+                    self.st.racks[r].drained = 0;
+                    let rack = &self.st.racks[r];
                     let scope = format!("rack {}", rack.name);
-                    self.notices.push(Notice {
+                    self.st.notices.push(Notice {
                         id: notice_id(NoticeKind::InfrastructureIncidentClosed, &scope, ts_ms),
                         kind: NoticeKind::InfrastructureIncidentClosed,
                         ts_ms,
@@ -609,27 +722,28 @@ impl Policy {
     /// Share of reporting hosts at or above the enter threshold, leaving out racks
     /// under an infrastructure incident (the common-cause guard has them).
     fn hot_share(&self) -> f64 {
-        if self.last_reporting == 0 {
+        if self.st.last_reporting == 0 {
             return 0.0;
         }
         let in_incidents: usize = self
+            .st
             .racks
             .iter()
             .filter(|r| r.incident.is_some())
             .map(|r| r.hot.len())
             .sum();
-        let n = (self.hot_hosts as usize).saturating_sub(in_incidents);
-        n as f64 / f64::from(self.last_reporting)
+        let n = (self.st.hot_hosts as usize).saturating_sub(in_incidents);
+        n as f64 / f64::from(self.st.last_reporting)
     }
 
     fn open_breaker(&mut self, ts_ms: i64, why: String, baseline_hot_share: f64) {
         let id = notice_id(NoticeKind::CircuitBreakerOpen, "fleet", ts_ms);
-        self.breaker = Some(Breaker {
+        self.st.breaker = Some(Breaker {
             id: id.clone(),
             baseline_hot_share,
         });
-        self.stats.breaker_trips += 1;
-        self.notices.push(Notice {
+        self.st.stats.breaker_trips += 1;
+        self.st.notices.push(Notice {
             id,
             kind: NoticeKind::CircuitBreakerOpen,
             ts_ms,
@@ -642,12 +756,12 @@ impl Policy {
 
     fn jump_reason(&self, hot_share: f64, over_ms: i64) -> Option<String> {
         let p = &self.params;
-        (self.last_reporting >= 10 && hot_share - self.prev_hot_share > p.max_hot_share_jump).then(|| {
+        (self.st.last_reporting >= 10 && hot_share - self.st.prev_hot_share > p.max_hot_share_jump).then(|| {
             format!(
                 "the share of hosts scoring >= {:.2} jumped from {:.1}% to {:.1}% within {:.1} h (limit +{:.0} points): \
                  a model or telemetry fault is likelier than a fleet-wide failure",
                 p.enter_threshold,
-                100.0 * self.prev_hot_share,
+                100.0 * self.st.prev_hot_share,
                 100.0 * hot_share,
                 hours(over_ms),
                 100.0 * p.max_hot_share_jump
@@ -657,7 +771,7 @@ impl Policy {
 
     fn check_common_cause(&mut self, r: usize, ts_ms: i64) {
         let p = &self.params;
-        let rack = &self.racks[r];
+        let rack = &self.st.racks[r];
         if rack.incident.is_some() {
             return;
         }
@@ -671,7 +785,7 @@ impl Policy {
         let mut hosts: Vec<String> = rack
             .hot
             .iter()
-            .map(|&(x, _)| self.hosts[x].id.clone())
+            .map(|&(x, _)| self.st.hosts[x].id.clone())
             .collect();
         hosts.sort();
         let scope = format!("rack {}", rack.name);
@@ -682,14 +796,14 @@ impl Policy {
              infrastructure team; no per-host drains in this rack, no evacuations into fault domain {}",
             rack.hosts,
             rack.name,
-            self.clusters[rack.cluster as usize],
+            self.st.clusters[rack.cluster as usize],
             rack.fd,
             hours(p.common_cause_window_ms),
             rack.fd,
         );
-        self.racks[r].incident = Some(id.clone());
-        self.stats.infrastructure_incidents += 1;
-        self.notices.push(Notice {
+        self.st.racks[r].incident = Some(id.clone());
+        self.st.stats.infrastructure_incidents += 1;
+        self.st.notices.push(Notice {
             id,
             kind: NoticeKind::InfrastructureIncident,
             ts_ms,
@@ -702,12 +816,12 @@ impl Policy {
 
     fn periodic_check(&mut self, ts_ms: i64) {
         let p = &self.params;
-        self.next_check_ms = ts_ms.saturating_add(p.breaker_check_ms);
+        self.st.next_check_ms = ts_ms.saturating_add(p.breaker_check_ms);
         let horizon = ts_ms - p.stale_after_ms;
         let mut active = 0u32;
         let mut missing = 0u32;
         let mut gone_hot = Vec::new();
-        for (i, st) in self.hosts.iter().enumerate() {
+        for (i, st) in self.st.hosts.iter().enumerate() {
             if !st.known || st.retired {
                 continue;
             }
@@ -729,15 +843,15 @@ impl Policy {
         } else {
             f64::from(missing) / f64::from(active)
         };
-        self.last_reporting = reporting;
+        self.st.last_reporting = reporting;
         let hot_share = self.hot_share();
         let enough = reporting >= 10;
-        let stale =
-            self.tick_now_ms != i64::MIN && self.tick_now_ms - self.newest_ts > p.stale_after_ms;
+        let stale = self.st.tick_now_ms != i64::MIN
+            && self.st.tick_now_ms - self.st.newest_ts > p.stale_after_ms;
         let reason = if stale {
             Some(format!(
                 "telemetry is stale: the newest record is {:.1} h old",
-                hours(self.tick_now_ms - self.newest_ts)
+                hours(self.st.tick_now_ms - self.st.newest_ts)
             ))
         } else if missing_share > p.max_missing_share {
             Some(format!(
@@ -758,9 +872,9 @@ impl Policy {
         } else {
             None
         };
-        match (&self.breaker, reason) {
+        match (&self.st.breaker, reason) {
             (None, Some(why)) => {
-                let baseline = self.prev_hot_share.min(hot_share);
+                let baseline = self.st.prev_hot_share.min(hot_share);
                 self.open_breaker(ts_ms, why, baseline);
             }
             // close once the distribution is back near where it was before the jump
@@ -768,8 +882,8 @@ impl Policy {
                 if hot_share <= b.baseline_hot_share + self.params.max_hot_share_jump / 2.0 =>
             {
                 let opened = b.id.clone();
-                self.breaker = None;
-                self.notices.push(Notice {
+                self.st.breaker = None;
+                self.st.notices.push(Notice {
                         id: notice_id(NoticeKind::CircuitBreakerClosed, "fleet", ts_ms),
                         kind: NoticeKind::CircuitBreakerClosed,
                         ts_ms,
@@ -784,32 +898,32 @@ impl Policy {
             }
             _ => {}
         }
-        self.prev_hot_share = hot_share;
+        self.st.prev_hot_share = hot_share;
     }
 
     /// The receiver's clock, as an input: lets the circuit breaker see telemetry that
     /// stopped arriving altogether.
     pub fn tick(&mut self, now_ms: i64) {
-        if now_ms > self.tick_now_ms {
-            self.tick_now_ms = now_ms;
+        if now_ms > self.st.tick_now_ms {
+            self.st.tick_now_ms = now_ms;
         }
-        if self.tick_now_ms - self.newest_ts > self.params.stale_after_ms
-            || now_ms >= self.next_check_ms
+        if self.st.tick_now_ms - self.st.newest_ts > self.params.stale_after_ms
+            || now_ms >= self.st.next_check_ms
         {
-            self.periodic_check(now_ms.max(self.newest_ts));
+            self.periodic_check(now_ms.max(self.st.newest_ts));
         }
     }
 
     fn paused_by(&self, h: usize) -> Option<&str> {
-        let st = &self.hosts[h];
-        self.pauses.iter().find_map(|(id, scope)| {
+        let st = &self.st.hosts[h];
+        self.st.pauses.iter().find_map(|(id, scope)| {
             let hit = match scope {
                 Scope::Host { host_id } => *host_id == st.id,
                 Scope::FaultDomain {
                     cluster,
                     fault_domain,
-                } => *fault_domain == st.fd && *cluster == self.clusters[st.cluster as usize],
-                Scope::Cluster { cluster } => *cluster == self.clusters[st.cluster as usize],
+                } => *fault_domain == st.fd && *cluster == self.st.clusters[st.cluster as usize],
+                Scope::Cluster { cluster } => *cluster == self.st.clusters[st.cluster as usize],
                 Scope::Fleet => true,
             };
             hit.then_some(id.as_str())
@@ -818,7 +932,8 @@ impl Policy {
 
     /// Fault domains (cluster, fd) holding a rack under an infrastructure incident.
     fn blocked_domains(&self) -> Vec<(u32, u32)> {
-        self.racks
+        self.st
+            .racks
             .iter()
             .filter(|r| r.incident.is_some())
             .map(|r| (r.cluster, r.fd))
@@ -826,7 +941,7 @@ impl Policy {
     }
 
     fn healthy(&self, j: usize, now: i64, blocked: &[(u32, u32)]) -> bool {
-        let t = &self.hosts[j];
+        let t = &self.st.hosts[j];
         t.known
             && !t.retired
             && !t.open
@@ -844,14 +959,14 @@ impl Policy {
     /// fault domain first, then the least loaded, one VM each in turn.
     fn choose_targets(&self, src: usize, n: u32, now: i64) -> Option<Vec<(usize, u32)>> {
         let cap = self.params.host_vm_capacity;
-        let s = &self.hosts[src];
+        let s = &self.st.hosts[src];
         let blocked = self.blocked_domains();
-        let mut cands: Vec<(bool, u32, usize)> = (0..self.hosts.len())
+        let mut cands: Vec<(bool, u32, usize)> = (0..self.st.hosts.len())
             .filter(|&j| j != src)
-            .filter(|&j| self.hosts[j].vm_count + self.hosts[j].reserved_in < cap)
+            .filter(|&j| self.st.hosts[j].vm_count + self.st.hosts[j].reserved_in < cap)
             .filter(|&j| self.healthy(j, now, &blocked))
             .map(|j| {
-                let t = &self.hosts[j];
+                let t = &self.st.hosts[j];
                 (
                     t.cluster == s.cluster && t.fd == s.fd,
                     t.vm_count + t.reserved_in,
@@ -888,13 +1003,13 @@ impl Policy {
     }
 
     fn refill(&mut self, ts_ms: i64) {
-        if self.tokens_ts == i64::MIN {
-            self.tokens_ts = ts_ms;
+        if self.st.tokens_ts == i64::MIN {
+            self.st.tokens_ts = ts_ms;
         }
-        if ts_ms > self.tokens_ts {
-            let add = hours(ts_ms - self.tokens_ts) * self.params.evacuations_per_hour;
-            self.tokens = (self.tokens + add).min(f64::from(self.params.evacuation_burst));
-            self.tokens_ts = ts_ms;
+        if ts_ms > self.st.tokens_ts {
+            let add = hours(ts_ms - self.st.tokens_ts) * self.params.evacuations_per_hour;
+            self.st.tokens = (self.st.tokens + add).min(f64::from(self.params.evacuation_burst));
+            self.st.tokens_ts = ts_ms;
         }
     }
 
@@ -906,24 +1021,24 @@ impl Policy {
         score: &Score,
         model: &str,
     ) -> Option<Decision> {
-        if ts_ms >= self.next_check_ms {
+        if ts_ms >= self.st.next_check_ms {
             self.periodic_check(ts_ms);
         }
         self.expire(h, ts_ms);
         let base_enter = self.params.enter_threshold;
         let hot_now = score.value >= base_enter;
-        if hot_now != self.hosts[h].hot && !self.hosts[h].retired {
+        if hot_now != self.st.hosts[h].hot && !self.st.hosts[h].retired {
             self.set_hot(h, hot_now, ts_ms);
         }
-        if self.hosts[h].retired {
+        if self.st.hosts[h].retired {
             return None;
         }
-        if ts_ms < self.newest_ts - self.params.stale_after_ms {
-            self.stats.stale_records += 1;
+        if ts_ms < self.st.newest_ts - self.params.stale_after_ms {
+            self.st.stats.stale_records += 1;
             return None;
         }
         let p = &self.params;
-        let st = &mut self.hosts[h];
+        let st = &mut self.st.hosts[h];
         let probation = ts_ms < st.probation_until_ms;
         let (enter, need) = if probation {
             (p.probation_enter_threshold, p.probation_evidence_records)
@@ -940,7 +1055,7 @@ impl Policy {
         }
         let forced = st.forced.clone();
         let ttf = p.ttf.ttf_ms(score.signature, score.value);
-        let net = self.bandwidth_mib_per_s - p.dirty_mib_per_s;
+        let net = self.st.bandwidth_mib_per_s - p.dirty_mib_per_s;
         let evac = (st.mem_mib as f64 / net * 1000.0) as i64
             + p.per_vm_migration_ms * i64::from(st.vm_count);
         let mut rule = if probation { "probation" } else { "ladder" };
@@ -963,9 +1078,9 @@ impl Policy {
             st.ladder = score.signature;
             st.rung = ladder_entry(score.signature);
             st.heal_wait_until_ms = i64::MIN;
-            self.stats.incidents += 1;
+            self.st.stats.incidents += 1;
             if urgent {
-                self.stats.urgent += 1;
+                self.st.stats.urgent += 1;
                 rule = "urgent_ttf";
                 alternatives.push(Alternative {
                     action: "wait".into(),
@@ -981,7 +1096,7 @@ impl Policy {
             st.open = false;
             if st.generation > 0 {
                 st.probation_until_ms = ts_ms.saturating_add(p.probation_ms);
-                self.stats.healed += 1;
+                self.st.stats.healed += 1;
             }
             return None;
         }
@@ -989,11 +1104,11 @@ impl Policy {
             return None;
         }
         if ts_ms < st.cooldown_until_ms {
-            self.stats.deferred_cooldown += 1;
+            self.st.stats.deferred_cooldown += 1;
             return None;
         }
         if forced.is_none() && ts_ms < st.heal_wait_until_ms {
-            self.stats.deferred_heal_check += 1;
+            self.st.stats.deferred_heal_check += 1;
             return None;
         }
         // a host that stops answering needs the reboot step, whatever came before
@@ -1050,7 +1165,7 @@ impl Policy {
                         a = Action::LiveMigrate;
                         r = LM;
                         rule = "time_jump";
-                        self.stats.time_jumps += 1;
+                        self.st.stats.time_jumps += 1;
                     }
                 } else if a == Action::LiveMigrate
                     && (ttf as f64) < evac as f64
@@ -1073,7 +1188,7 @@ impl Policy {
                         a = p3;
                         r = 2;
                         rule = "faster_mitigation";
-                        self.stats.time_jumps += 1;
+                        self.st.stats.time_jumps += 1;
                     }
                 }
             }
@@ -1101,22 +1216,22 @@ impl Policy {
             });
         }
         // safety gates
-        if self.breaker.is_some() {
-            self.stats.deferred_breaker += 1;
+        if self.st.breaker.is_some() {
+            self.st.stats.deferred_breaker += 1;
             return None;
         }
         if self.paused_by(h).is_some() {
-            self.stats.deferred_pause += 1;
+            self.st.stats.deferred_pause += 1;
             return None;
         }
-        let st = &self.hosts[h];
-        let rack = &self.racks[st.rack as usize];
+        let st = &self.st.hosts[h];
+        let rack = &self.st.racks[st.rack as usize];
         let mut drains_rack = false;
         if let Some(inc) = &rack.incident {
             let cap = (self.params.common_cause_drain_share * f64::from(rack.hosts)).floor() as u32;
             if evacuates(action) {
                 if rack.drained >= cap {
-                    self.stats.deferred_common_cause += 1;
+                    self.st.stats.deferred_common_cause += 1;
                     return None;
                 }
                 drains_rack = true;
@@ -1132,52 +1247,52 @@ impl Policy {
             }
         }
         for &slot in &st.slots {
-            if self.budget_used[slot] >= self.limit(self.budget_keys[slot].0) {
-                self.stats.deferred_budget += 1;
+            if self.st.budget_used[slot] >= self.limit(self.st.budget_keys[slot].0) {
+                self.st.stats.deferred_budget += 1;
                 return None;
             }
         }
         let mut reserved = Vec::new();
         if evacuates(action) {
             self.refill(ts_ms);
-            if self.tokens < 1.0 {
-                self.stats.deferred_rate += 1;
+            if self.st.tokens < 1.0 {
+                self.st.stats.deferred_rate += 1;
                 return None;
             }
-            if self.hosts[h].vm_count > 0 {
-                match self.choose_targets(h, self.hosts[h].vm_count, ts_ms) {
+            if self.st.hosts[h].vm_count > 0 {
+                match self.choose_targets(h, self.st.hosts[h].vm_count, ts_ms) {
                     Some(t) => reserved = t,
                     None => {
-                        self.stats.deferred_capacity += 1;
+                        self.st.stats.deferred_capacity += 1;
                         return None;
                     }
                 }
             }
-            self.tokens -= 1.0;
-            self.stats.evacuations += 1;
+            self.st.tokens -= 1.0;
+            self.st.stats.evacuations += 1;
         }
         // act
         if drains_rack {
-            let r = self.hosts[h].rack as usize;
-            self.racks[r].drained += 1;
+            let r = self.st.hosts[h].rack as usize;
+            self.st.racks[r].drained += 1;
         }
         for &(t, n) in &reserved {
-            self.hosts[t].reserved_in += n;
+            self.st.hosts[t].reserved_in += n;
         }
         let targets: Vec<Target> = reserved
             .iter()
             .map(|&(t, n)| Target {
-                host_id: self.hosts[t].id.clone(),
+                host_id: self.st.hosts[t].id.clone(),
                 vms: n,
             })
             .collect();
-        let slots = self.hosts[h].slots.clone();
+        let slots = self.st.hosts[h].slots.clone();
         for &slot in &slots {
-            self.budget_used[slot] += 1;
+            self.st.budget_used[slot] += 1;
         }
-        let fd_use = self.budget_used[slots[0]];
+        let fd_use = self.st.budget_used[slots[0]];
         let p = &self.params;
-        let st = &mut self.hosts[h];
+        let st = &mut self.st.hosts[h];
         if forced.is_some() {
             st.forced = None;
             if !st.open {
@@ -1186,7 +1301,7 @@ impl Policy {
                 st.generation = 0;
                 st.ladder = score.signature;
                 st.rung = ladder_entry(score.signature);
-                self.stats.incidents += 1;
+                self.st.stats.incidents += 1;
             }
         }
         if let Some(r) = rung {
@@ -1202,8 +1317,8 @@ impl Policy {
             reserved,
             ladder_rung: rung,
         });
-        self.by_decision.insert(id.clone(), h as HostIdx);
-        self.stats.decisions += 1;
+        self.st.by_decision.insert(id.clone(), h as HostIdx);
+        self.st.stats.decisions += 1;
         let reasons: Vec<ReasonRecord> = score
             .reasons
             .iter()
@@ -1249,7 +1364,7 @@ impl Policy {
                 }
             ),
         };
-        let cluster = self.clusters[st.cluster as usize].clone();
+        let cluster = self.st.clusters[st.cluster as usize].clone();
         let why = format!(
             "{head} (incident {}, step {} of the ladder: {action}){lead}; predicted time to failure {:.1} h, \
              evacuation {:.1} min; fault domain {}/{} has {} of {} mitigations in use",
@@ -1300,19 +1415,19 @@ impl Policy {
     /// within `heal_check_ms` (a drained host takes no more actions). Returns false for
     /// an unknown or already reported id, which changes nothing.
     pub fn report(&mut self, id: &str, outcome: Outcome, ts_ms: i64) -> bool {
-        let Some(&host) = self.by_decision.get(id) else {
+        let Some(&host) = self.st.by_decision.get(id) else {
             return false;
         };
         let ok = matches!(outcome, Outcome::Succeeded);
         if !ok {
-            self.stats.failed += 1;
+            self.st.stats.failed += 1;
         }
         self.finish(host as usize, ts_ms, ok);
         true
     }
 
     fn apply_override(&mut self, h: usize, cmd: &Command) {
-        let st = &mut self.hosts[h];
+        let st = &mut self.st.hosts[h];
         match &cmd.kind {
             CommandKind::Force { action, .. } => st.forced = Some((cmd.id.clone(), *action)),
             CommandKind::Forbid { action, .. } => {
@@ -1333,14 +1448,14 @@ impl Policy {
         let applied: Result<String, String> = match &cmd.kind {
             CommandKind::Pause { scope: s } => {
                 scope = s.to_string();
-                self.pauses.push((cmd.id.clone(), s.clone()));
+                self.st.pauses.push((cmd.id.clone(), s.clone()));
                 Ok(format!("paused {s}: no new actions there until resumed"))
             }
             CommandKind::Resume { scope: s } => {
                 scope = s.to_string();
-                let before = self.pauses.len();
-                self.pauses.retain(|(_, x)| x != s);
-                if self.pauses.len() < before {
+                let before = self.st.pauses.len();
+                self.st.pauses.retain(|(_, x)| x != s);
+                if self.st.pauses.len() < before {
                     Ok(format!("resumed {s}"))
                 } else {
                     Err(format!("{s} was not paused"))
@@ -1350,9 +1465,10 @@ impl Policy {
             | CommandKind::Forbid { host_id, action }
             | CommandKind::Allow { host_id, action } => {
                 scope = format!("host {host_id}");
-                match self.by_name.get(host_id.as_str()) {
+                match self.st.by_name.get(host_id.as_str()) {
                     Some(&h) => self.apply_override(h as usize, cmd),
                     None => self
+                        .st
                         .pending_overrides
                         .entry(host_id.clone())
                         .or_default()
@@ -1367,10 +1483,10 @@ impl Policy {
             }
             CommandKind::ReturnToService { host_id } => {
                 scope = format!("host {host_id}");
-                match self.by_name.get(host_id.as_str()).copied() {
-                    Some(h) if self.hosts[h as usize].retired => {
+                match self.st.by_name.get(host_id.as_str()).copied() {
+                    Some(h) if self.st.hosts[h as usize].retired => {
                         let p = &self.params;
-                        let st = &mut self.hosts[h as usize];
+                        let st = &mut self.st.hosts[h as usize];
                         st.retired = false;
                         st.open = false;
                         st.streak = 0;
@@ -1389,7 +1505,7 @@ impl Policy {
             Ok(w) => (NoticeKind::Command, w, true),
             Err(w) => (NoticeKind::CommandRejected, w, false),
         };
-        self.notices.push(Notice {
+        self.st.notices.push(Notice {
             id: cmd.id.clone(),
             kind,
             ts_ms: cmd.ts_ms,
@@ -1403,7 +1519,7 @@ impl Policy {
 
     /// Whether the host has been drained or taken out of rotation.
     pub fn is_retired(&self, host: HostIdx) -> bool {
-        self.hosts.get(host as usize).is_some_and(|h| h.retired)
+        self.st.hosts.get(host as usize).is_some_and(|h| h.retired)
     }
 
     /// Whether a host may receive migrated VMs: known, healthy (no risk, no incident,
@@ -1411,6 +1527,6 @@ impl Policy {
     /// and fault domains under an infrastructure incident. Capacity is not checked here.
     pub fn is_healthy_target(&self, host: HostIdx) -> bool {
         let h = host as usize;
-        h < self.hosts.len() && self.healthy(h, self.newest_ts, &self.blocked_domains())
+        h < self.st.hosts.len() && self.healthy(h, self.st.newest_ts, &self.blocked_domains())
     }
 }

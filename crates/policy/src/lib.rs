@@ -70,5 +70,8 @@ pub use decision::{
     Action, Alternative, Command, CommandKind, Decision, Notice, NoticeKind, Outcome, Phase,
     ReasonRecord, Scope, Target, Window, decision_id, notice_id,
 };
-pub use engine::{BudgetKind, BudgetUse, HostInfo, LADDER, Policy, PolicyStats, ladder_entry};
+pub use engine::{
+    BudgetKind, BudgetUse, HostInfo, LADDER, Policy, PolicySnapshot, PolicyStats, SNAPSHOT_VERSION,
+    SnapshotError, ladder_entry,
+};
 pub use replay::{Input, ObserveInput, Output, Replay};

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use waterbear_models::Signature;
 use waterbear_policy::{
     Action, Command, CommandKind, Input, ObserveInput, Outcome, Output, Policy, PolicyConfig,
-    Replay, Scope,
+    PolicySnapshot, Replay, Scope,
 };
 
 const HOSTS: u8 = 12;
@@ -93,6 +93,17 @@ struct Open {
 }
 
 fn run(k: u32, cooldown: i64, evs: &[Ev]) -> Result<Vec<Output>, TestCaseError> {
+    run_cut(k, cooldown, evs, None)
+}
+
+/// As [`run`]; with `cut`, the policy is snapshotted to JSON before event `cut` and a
+/// new one restored from that text carries on (what a restarted job does).
+fn run_cut(
+    k: u32,
+    cooldown: i64,
+    evs: &[Ev],
+    cut: Option<usize>,
+) -> Result<Vec<Output>, TestCaseError> {
     let cfg = PolicyConfig {
         max_per_fault_domain: k,
         max_per_update_domain: k + 1,
@@ -127,7 +138,12 @@ fn run(k: u32, cooldown: i64, evs: &[Ev]) -> Result<Vec<Output>, TestCaseError> 
     let mut evac_times: Vec<i64> = Vec::new();
     let mut outputs = Vec::new();
     let mut n_cmd = 0;
-    for e in evs {
+    for (i, e) in evs.iter().enumerate() {
+        if cut == Some(i) {
+            let text = serde_json::to_string(&r.policy.snapshot()).unwrap();
+            let snap: PolicySnapshot = serde_json::from_str(&text).unwrap();
+            r.policy = Policy::from_snapshot(r.policy.params().clone(), snap).unwrap();
+        }
         match *e {
             Ev::Rec {
                 host,
@@ -309,6 +325,30 @@ proptest! {
         let b = run(k, cooldown, &evs)?;
         prop_assert_eq!(a, b);
     }
+
+    /// A policy restored from a JSON snapshot at any point carries on exactly as the
+    /// one that never stopped.
+    #[test]
+    fn snapshot_restore_is_exact(
+        k in 1u32..3,
+        cooldown in 0i64..90 * MIN,
+        evs in proptest::collection::vec(ev(), 1..400),
+        cut in any::<proptest::sample::Index>(),
+    ) {
+        let a = run(k, cooldown, &evs)?;
+        let b = run_cut(k, cooldown, &evs, Some(cut.index(evs.len())))?;
+        prop_assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn snapshot_of_another_version_is_refused() {
+    let p = PolicyConfig::default().check().unwrap();
+    let mut v = serde_json::to_value(Policy::new(p.clone()).snapshot()).unwrap();
+    v["version"] = serde_json::json!(999);
+    let snap: PolicySnapshot = serde_json::from_value(v).unwrap();
+    let e = Policy::from_snapshot(p, snap).unwrap_err();
+    assert!(e.to_string().contains("version 999"), "{e}");
 }
 
 #[test]

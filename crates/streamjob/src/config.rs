@@ -38,9 +38,6 @@ pub struct JobSection {
     pub decider_suffix: String,
     /// How far a record's timestamp may be ahead of its Kafka timestamp, ms.
     pub max_future_skew_ms: i64,
-    /// Most policy-log entries kept per cluster in the decider's state (the
-    /// oldest are dropped beyond it; see docs/streaming.md).
-    pub decider_log_max: usize,
 }
 
 impl Default for JobSection {
@@ -51,7 +48,6 @@ impl Default for JobSection {
             decider_state_topic: "waterbear.decider.state".into(),
             decider_suffix: "-decider".into(),
             max_future_skew_ms: 5 * 60 * 1000,
-            decider_log_max: 20_000,
         }
     }
 }
@@ -195,10 +191,6 @@ impl JobConfig {
 
     /// A fresh stage-2 transform.
     pub fn decider(&self) -> Decider {
-        Decider::new(
-            self.policy.clone(),
-            self.pipeline.policy.enter_threshold,
-            self.job.decider_log_max,
-        )
+        Decider::new(self.policy.clone())
     }
 }

@@ -1,73 +1,54 @@
 //! Stage 2: scores (keyed by cluster, so one writer per cluster) -> the
 //! [`Policy`] -> decisions (keyed by host) on `alerts`.
 //!
-//! State: per cluster, the log of the score records that changed the
-//! policy's state (a score below the entry threshold for a host with nothing
-//! going on is a no-op in `Policy::observe`, so it is not logged). Restore
-//! replays the log into a fresh policy: the policy is pure, so this
-//! reproduces its state exactly (incident numbers, streaks, in-flight
-//! actions and budgets, cooldowns); the decisions the replay makes were
-//! committed before and are discarded.
+//! State: per cluster, the [`PolicySnapshot`] of its policy plus the host
+//! table (ids in index order), as JSON. Restore decodes it into a policy that
+//! carries on exactly where the committed one was (incident numbers, streaks,
+//! in-flight actions and budgets, cooldowns, rate-limit tokens, circuit
+//! breaker), with no replay and no bound on history.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use waterbear_features::HostIdx;
-use waterbear_models::{Reasons, Score, Signature};
-use waterbear_policy::{Decision, HostInfo, Policy, PolicyParams};
+use waterbear_models::{Reasons, Score};
+use waterbear_policy::{Decision, HostInfo, Policy, PolicyParams, PolicySnapshot};
 use waterbear_stream::{Output, Record, Transform};
 
 use crate::DLQ_KIND_HEADER;
 use crate::scorer::ScoreRecord;
 
+/// Version of the decider's per-cluster state encoding.
+const STATE_VERSION: u32 = 2;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct HostEntry {
-    id: String,
-    fd: u32,
-    ud: u32,
-    #[serde(default)]
-    rack: String,
-    /// Latest guest memory on the host, MiB (replay uses the latest, not the historic, value).
-    #[serde(default)]
-    vm_mem_mib: u64,
-}
-
-/// (host index, ts, score, signature, vms)
-type LogEntry = (HostIdx, i64, f64, Signature, u32);
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct ClusterLog {
-    hosts: Vec<HostEntry>,
-    log: Vec<LogEntry>,
-    /// Entries dropped from the front because of `decider_log_max`.
-    #[serde(default)]
-    dropped: u64,
+struct ClusterState {
+    version: u32,
+    /// Host ids, in policy index order.
+    hosts: Vec<String>,
+    policy: PolicySnapshot,
 }
 
 struct ClusterSlot {
     partition: i32,
     policy: Policy,
     index: HashMap<String, HostIdx>,
-    state: ClusterLog,
+    hosts: Vec<String>,
 }
 
 /// The stage-2 transform.
 pub struct Decider {
     params: PolicyParams,
-    enter: f64,
-    log_max: usize,
     clusters: HashMap<Vec<u8>, ClusterSlot>,
     decisions: u64,
 }
 
 impl Decider {
-    /// A decider; `enter` is the policy's entry threshold.
-    pub fn new(params: PolicyParams, enter: f64, log_max: usize) -> Self {
+    /// A decider.
+    pub fn new(params: PolicyParams) -> Self {
         Self {
             params,
-            enter,
-            log_max: log_max.max(1),
             clusters: HashMap::new(),
             decisions: 0,
         }
@@ -87,7 +68,7 @@ impl Decider {
                 partition,
                 policy: Policy::new(params.clone()),
                 index: HashMap::new(),
-                state: ClusterLog::default(),
+                hosts: Vec::new(),
             });
         slot.partition = partition;
         slot
@@ -95,47 +76,16 @@ impl Decider {
 
     /// Runs one score record through its cluster's policy.
     pub fn decide(&mut self, partition: i32, s: &ScoreRecord) -> Option<Decision> {
-        let enter = self.enter;
-        let log_max = self.log_max;
         let slot = self.slot(partition, &s.cluster);
         let idx = match slot.index.get(&s.host) {
             Some(&i) => i,
             None => {
-                let i = slot.state.hosts.len() as HostIdx;
+                let i = slot.hosts.len() as HostIdx;
                 slot.index.insert(s.host.clone(), i);
-                slot.state.hosts.push(HostEntry {
-                    id: s.host.clone(),
-                    fd: s.fd,
-                    ud: s.ud,
-                    rack: s.rack.clone(),
-                    vm_mem_mib: s.vm_mem_mib,
-                });
+                slot.hosts.push(s.host.clone());
                 i
             }
         };
-        {
-            let h = &mut slot.state.hosts[idx as usize];
-            h.fd = s.fd;
-            h.ud = s.ud;
-            h.vm_mem_mib = s.vm_mem_mib;
-            if h.rack != s.rack {
-                h.rack = s.rack.clone();
-            }
-        }
-        let relevant = !(s.score < enter && slot.policy.is_healthy_target(idx));
-        if relevant {
-            slot.state.log.push((idx, s.ts, s.score, s.sig, s.vms));
-            if slot.state.log.len() > log_max {
-                let n = slot.state.log.len() - log_max;
-                slot.state.log.drain(..n);
-                slot.state.dropped += n as u64;
-                tracing::warn!(
-                    cluster = %s.cluster,
-                    dropped = slot.state.dropped,
-                    "decider log over job.decider_log_max: oldest entries dropped (a later restore is approximate)"
-                );
-            }
-        }
         let mut reasons = Reasons::default();
         for r in &s.reasons {
             reasons.push(*r);
@@ -193,55 +143,49 @@ impl Transform for Decider {
     }
 
     fn state(&self, key: &[u8]) -> Option<Vec<u8>> {
-        self.clusters
-            .get(key)
-            .map(|c| serde_json::to_vec(&c.state).expect("cluster log serialises"))
+        self.clusters.get(key).map(|c| {
+            let st = ClusterState {
+                version: STATE_VERSION,
+                hosts: c.hosts.clone(),
+                policy: c.policy.snapshot(),
+            };
+            serde_json::to_vec(&st).expect("cluster state serialises")
+        })
     }
 
     fn restore(&mut self, partition: i32, key: &[u8], state: &[u8]) {
         let t0 = Instant::now();
-        let log: ClusterLog = match serde_json::from_slice(state) {
-            Ok(l) => l,
+        let cluster = String::from_utf8_lossy(key).into_owned();
+        let st: ClusterState = match serde_json::from_slice(state) {
+            Ok(st) => st,
             Err(e) => {
-                tracing::warn!(partition, error = %e, "ignoring unreadable cluster state");
+                tracing::error!(partition, cluster = %cluster, error = %e, "unreadable cluster state: the cluster starts from an empty policy");
                 return;
             }
         };
-        let cluster = String::from_utf8_lossy(key).into_owned();
-        let mut policy = Policy::new(self.params.clone());
-        let mut index = HashMap::new();
-        for (i, h) in log.hosts.iter().enumerate() {
-            index.insert(h.id.clone(), i as HostIdx);
+        if st.version != STATE_VERSION {
+            tracing::error!(partition, cluster = %cluster, found = st.version, expected = STATE_VERSION, "cluster state of another version: the cluster starts from an empty policy");
+            return;
         }
-        let mut replayed = 0u64;
-        for &(idx, ts, value, sig, vms) in &log.log {
-            let Some(h) = log.hosts.get(idx as usize) else {
-                continue;
-            };
-            let info = HostInfo {
-                host_id: &h.id,
-                cluster: &cluster,
-                rack: &h.rack,
-                fault_domain: h.fd,
-                update_domain: h.ud,
-                availability_sets: &[],
-                vm_count: vms,
-                vm_mem_mib: h.vm_mem_mib,
-            };
-            let score = Score {
-                value,
-                signature: sig,
-                reasons: Reasons::default(),
-            };
-            let _ = policy.observe(idx, &info, ts, &score, "");
-            replayed += 1;
-        }
+        let policy = match Policy::from_snapshot(self.params.clone(), st.policy) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(partition, cluster = %cluster, error = %e, "cluster policy snapshot refused: the cluster starts from an empty policy");
+                return;
+            }
+        };
+        let index = st
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| (h.clone(), i as HostIdx))
+            .collect();
         tracing::debug!(
             partition,
             cluster = %cluster,
-            replayed,
+            hosts = st.hosts.len(),
             ms = t0.elapsed().as_secs_f64() * 1e3,
-            "cluster policy rebuilt by replay"
+            "cluster policy restored from its snapshot"
         );
         self.clusters.insert(
             key.to_vec(),
@@ -249,7 +193,7 @@ impl Transform for Decider {
                 partition,
                 policy,
                 index,
-                state: log,
+                hosts: st.hosts,
             },
         );
     }
@@ -262,12 +206,12 @@ impl Transform for Decider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use waterbear_models::Signature;
 
     #[test]
-    fn replay_reproduces_policy_state() {
+    fn restore_reproduces_policy_state() {
         let params = waterbear_policy::PolicyConfig::default().check().unwrap();
-        let enter = waterbear_policy::PolicyConfig::default().enter_threshold;
-        let mut a = Decider::new(params.clone(), enter, 1_000_000);
+        let mut a = Decider::new(params.clone());
         let mk = |host: &str, ts: i64, score: f64| ScoreRecord {
             host: host.into(),
             cluster: "c".into(),
@@ -301,7 +245,7 @@ mod tests {
             }
         }
         // a second decider: first part, persist, restore into a third, rest
-        let mut b = Decider::new(params.clone(), enter, 1_000_000);
+        let mut b = Decider::new(params.clone());
         let mut ids_b = Vec::new();
         for s in first {
             if let Some(d) = b.decide(0, s) {
@@ -309,7 +253,7 @@ mod tests {
             }
         }
         let st = b.state(b"c").unwrap();
-        let mut c = Decider::new(params, enter, 1_000_000);
+        let mut c = Decider::new(params);
         c.restore(0, b"c", &st);
         for s in second {
             if let Some(d) = c.decide(0, s) {
