@@ -961,17 +961,16 @@ impl Policy {
         let cap = self.params.host_vm_capacity;
         let s = &self.st.hosts[src];
         let blocked = self.blocked_domains();
+        // Live migration stays inside the cluster (its network and storage); a
+        // policy that sees several clusters must not pick across them, and so
+        // decides exactly as one policy per cluster would.
         let mut cands: Vec<(bool, u32, usize)> = (0..self.st.hosts.len())
-            .filter(|&j| j != src)
+            .filter(|&j| j != src && self.st.hosts[j].cluster == s.cluster)
             .filter(|&j| self.st.hosts[j].vm_count + self.st.hosts[j].reserved_in < cap)
             .filter(|&j| self.healthy(j, now, &blocked))
             .map(|j| {
                 let t = &self.st.hosts[j];
-                (
-                    t.cluster == s.cluster && t.fd == s.fd,
-                    t.vm_count + t.reserved_in,
-                    j,
-                )
+                (t.fd == s.fd, t.vm_count + t.reserved_in, j)
             })
             .collect();
         cands.sort_unstable();

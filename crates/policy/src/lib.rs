@@ -20,7 +20,7 @@
 //!    too slow (`faster_mitigation`).
 //! 4. **Safety**: at most k hosts under mitigation per fault domain, update domain and
 //!    availability set; a fleet-wide token bucket on evacuations; migration targets only
-//!    among healthy hosts with room, another fault domain first; cooldowns; action
+//!    among healthy hosts of the same cluster with room, another fault domain first; cooldowns; action
 //!    timeouts; operator pauses (host, fault domain, cluster, fleet) and overrides
 //!    (force, forbid) as recorded [`Command`]s.
 //! 5. **Guards**: the common-cause guard turns many hosts of one rack degrading within a

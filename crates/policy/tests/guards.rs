@@ -199,6 +199,40 @@ fn targets_are_healthy_hosts_with_room_in_other_fault_domains() {
 }
 
 #[test]
+fn targets_stay_in_the_source_cluster() {
+    let mut r = replay(PolicyConfig {
+        evidence_records: 1,
+        host_vm_capacity: 6,
+        ..Default::default()
+    });
+    let mut put = |host: &str, cluster: &str, fd: u32, score: f64, vms: u32| {
+        r.step(&Input::Observe(ObserveInput {
+            host_id: host.into(),
+            cluster: cluster.into(),
+            rack: format!("{cluster}-r{fd}"),
+            fault_domain: fd,
+            update_domain: 0,
+            availability_sets: vec![],
+            vm_count: vms,
+            vm_mem_mib: 4096 * u64::from(vms),
+            ts_ms: 0,
+            score,
+            signature: Signature::Disk,
+        }))
+    };
+    // an empty host in another cluster (first in index order, least loaded)
+    put("other-cluster", "d", 1, 0.0, 0);
+    put("same-cluster", "c", 1, 0.0, 3);
+    let d = decisions(put("src", "c", 0, 0.95, 3)).remove(0);
+    let t: Vec<&str> = d.targets.iter().map(|t| t.host_id.as_str()).collect();
+    assert_eq!(t, ["same-cluster"]);
+    // no room left in the cluster: deferred, not moved to the other cluster
+    let out = put("src2", "c", 2, 0.95, 6);
+    assert!(decisions(out).is_empty());
+    assert_eq!(r.policy.stats().deferred_capacity, 1);
+}
+
+#[test]
 fn escalation_waits_for_the_heal_check_then_climbs_the_ladder() {
     let mut r = replay(PolicyConfig {
         cooldown_ms: 10 * MIN,

@@ -149,7 +149,10 @@ pub(crate) fn base_config(p: &StreamParams) -> ClientConfig {
     c
 }
 
-fn consumer_config(p: &StreamParams) -> ClientConfig {
+/// The consumer settings of the stream loops (group, read_committed, manual
+/// commits, security passthrough, `[kafka.consumer]`), for other consumers
+/// of the same topics.
+pub fn consumer_config(p: &StreamParams) -> ClientConfig {
     let mut c = base_config(p);
     c.set("group.id", &p.group_id)
         .set("enable.auto.commit", "false")

@@ -22,6 +22,6 @@ pub mod transform;
 
 pub use admin::ensure_topics;
 pub use config::{ConfigError, StreamConfig, StreamParams};
-pub use job::{RunSummary, StreamError, run, run_with_metrics, shutdown_signal};
+pub use job::{RunSummary, StreamError, consumer_config, run, run_with_metrics, shutdown_signal};
 pub use metrics::{Metrics, serve_metrics};
 pub use transform::{DLQ_REASON_HEADER, Output, Record, Topic, Transform};

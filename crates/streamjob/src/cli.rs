@@ -57,6 +57,9 @@ pub enum CliError {
     /// The job.
     #[error(transparent)]
     Stream(#[from] waterbear_stream::StreamError),
+    /// The job.
+    #[error(transparent)]
+    Job(#[from] crate::JobError),
     /// Simulation.
     #[error(transparent)]
     Simulate(#[from] SimulateError),

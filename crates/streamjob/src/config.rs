@@ -10,6 +10,7 @@ use waterbear_pipeline::PipelineConfig;
 use waterbear_policy::PolicyParams;
 use waterbear_stream::{StreamConfig, StreamParams};
 
+use crate::archive::{ArchiveConfig, ArchiveParams};
 use crate::{Decider, Scorer};
 
 /// Which stage(s) this process runs.
@@ -77,6 +78,14 @@ pub enum JobConfigError {
     /// The pipeline sections.
     #[error(transparent)]
     Pipeline(#[from] waterbear_pipeline::PipelineError),
+    /// `[archive]`.
+    #[error("{path}: {message}")]
+    Archive {
+        /// File.
+        path: String,
+        /// What is wrong (names the field).
+        message: String,
+    },
 }
 
 /// The whole job config, checked.
@@ -90,6 +99,8 @@ pub struct JobConfig {
     pub job: JobSection,
     /// `[features]`, `[baseline]`, `[policy]`.
     pub pipeline: PipelineConfig,
+    /// `[archive]` (`None`: off).
+    pub archive: Option<ArchiveParams>,
     features: FeatureParams,
     policy: PolicyParams,
 }
@@ -122,6 +133,16 @@ impl JobConfig {
                 .map_err(|e: toml::de::Error| perr(format!("[job]: {e}")))?,
             None => JobSection::default(),
         };
+        let archive: ArchiveConfig = match table.remove("archive") {
+            Some(v) => v
+                .try_into()
+                .map_err(|e: toml::de::Error| perr(format!("[archive]: {e}")))?,
+            None => ArchiveConfig::default(),
+        };
+        let archive = archive.check().map_err(|message| JobConfigError::Archive {
+            path: origin.to_string(),
+            message,
+        })?;
         let mut pipe = toml::Table::new();
         for k in ["features", "baseline", "policy"] {
             if let Some(v) = table.remove(k) {
@@ -153,6 +174,7 @@ impl JobConfig {
             params,
             job,
             pipeline,
+            archive,
             features,
             policy,
         })

@@ -13,18 +13,34 @@
 //!   policy is rebuilt by replaying that log (the policy is pure), discarding
 //!   the decisions the replay makes (they were committed before).
 
+pub mod archive;
 pub mod cli;
-pub mod config;
+mod config;
 pub mod decider;
 pub mod scorer;
 pub mod simulate;
 
+pub use archive::{ArchiveConfig, ArchiveError, ArchiveParams, ArchiveStats, Archiver};
 pub use config::{JobConfig, JobConfigError, JobSection, Role};
 pub use decider::Decider;
 pub use scorer::{ScoreRecord, Scorer};
 pub use simulate::{SimulateError, SimulateOptions, simulate};
 
 use waterbear_stream::{Metrics, run_with_metrics};
+
+/// Why the job stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A stream loop (scorer or decider).
+    #[error(transparent)]
+    Stream(#[from] waterbear_stream::StreamError),
+    /// The archiver.
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    /// The archiver's thread panicked.
+    #[error("archive thread: {0}")]
+    ArchiveTask(String),
+}
 
 /// Header with the validation error kind on DLQ records (the message is in
 /// `dlq.reason`, as `kind: message`).
@@ -33,11 +49,7 @@ pub const DLQ_KIND_HEADER: &str = "dlq.kind";
 /// Runs the job's role(s) until `shutdown` completes (SIGTERM/SIGINT in the
 /// binary). With [`Role::Both`] the scorer and the decider run as two
 /// exactly-once loops in this process.
-pub async fn run_job<S>(
-    cfg: JobConfig,
-    role: Role,
-    shutdown: S,
-) -> Result<(), waterbear_stream::StreamError>
+pub async fn run_job<S>(cfg: JobConfig, role: Role, shutdown: S) -> Result<(), JobError>
 where
     S: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -52,7 +64,7 @@ pub async fn run_job_with_metrics<S>(
     shutdown: S,
     scorer_metrics: Metrics,
     decider_metrics: Metrics,
-) -> Result<(), waterbear_stream::StreamError>
+) -> Result<(), JobError>
 where
     S: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -74,6 +86,29 @@ where
         waterbear_stream::ensure_topics(&decider_params).await?;
         waterbear_stream::ensure_topics(&scorer_params).await?;
     }
+    // The archive runs beside the scorer (it reads the same telemetry topic).
+    let archiver = match (&cfg.archive, role) {
+        (Some(ap), Role::Scorer | Role::Both) => {
+            let left = archive::remove_leftovers(&ap.dir)?;
+            if left > 0 {
+                tracing::info!(
+                    files = left,
+                    "removed unfinished archive files of an earlier run"
+                );
+            }
+            let a = Archiver::new(&cfg.params, ap.clone())?;
+            let (rxa, txa) = (rx.clone(), tx.clone());
+            Some(tokio::task::spawn_blocking(move || {
+                let r = a.run(|| *rxa.borrow());
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "archiver failed; stopping the job");
+                    let _ = txa.send(true);
+                }
+                r
+            }))
+        }
+        _ => None,
+    };
     match role {
         Role::Scorer => {
             let s = run_with_metrics(scorer_params, cfg.scorer(), wait(rx), scorer_metrics).await?;
@@ -107,6 +142,13 @@ where
             a?;
             b?;
         }
+    }
+    if let Some(h) = archiver {
+        let _ = tx.send(true);
+        let stats = h
+            .await
+            .map_err(|e| JobError::ArchiveTask(e.to_string()))??;
+        tracing::info!(?stats, "archive stopped");
     }
     Ok(())
 }

@@ -483,10 +483,19 @@ pub fn wire(recs: &[HostRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
 }
 
 /// The decisions of the in-process pipeline on the same records.
+///
+/// The in-process pipeline attaches the host's whole feature vector to each
+/// decision (for `waterbear explain`); the job's decider only has the score
+/// record (score, signature, reasons), so that field is cleared here and
+/// everything else must match.
 pub fn pipeline_decisions(recs: &[HostRecord], cfg: PipelineConfig) -> Vec<Decision> {
     let mut p = Pipeline::from_config(cfg).unwrap();
     recs.iter()
         .filter_map(|r| p.process(r, i64::MAX / 2).ok().and_then(|s| s.decision))
+        .map(|mut d| {
+            d.features = None;
+            d
+        })
         .collect()
 }
 

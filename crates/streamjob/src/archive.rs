@@ -1,0 +1,395 @@
+//! Optional stage: telemetry -> rolling Parquet files (`[archive]`).
+//!
+//! A plain consumer in its own group (`<group><archive.group_suffix>`,
+//! read_committed) writes each assigned partition to its own file,
+//! `<dir>/<topic>-p<partition>-<first offset>.parquet` (the telemetry crate's
+//! Arrow schema, one row per record that decodes and passes the stateless
+//! checks). A file is rolled after `roll_records` input records or `roll_ms`
+//! of wall time: the Parquet footer is written, the file synced, renamed from
+//! `*.parquet.tmp` to its final name, the directory synced, and only then is
+//! the partition's offset committed (past the file's last record).
+//!
+//! So after a crash the partition is re-read from the first offset of the file
+//! that was being written; the rewrite has the same name and replaces a file
+//! that was finalised but not yet committed. A leftover `*.tmp` is garbage and
+//! is deleted when the same partition is next archived (or on start).
+//! Records that fail to decode are not archived (the scorer sends them to the
+//! DLQ) but are counted and their offsets committed like the rest.
+//!
+//! The one overlap left: in a rebalance, the instance losing a partition may
+//! finalise a file just after the new owner finalised its own file of the same
+//! name; then the two files' ranges can overlap. Readers that must be exact
+//! de-duplicate on `(host_id, ts_ms)`, which is unique per accepted record
+//! (the validator requires strictly increasing timestamps per host).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use waterbear_sim::TelemetryWriter;
+use waterbear_stream::StreamParams;
+use waterbear_telemetry::decode;
+
+/// `[archive]`: rolling Parquet archive of the telemetry topic. Off unless
+/// `dir` is set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ArchiveConfig {
+    /// Directory of the Parquet files (created if missing). Empty: no archive.
+    pub dir: String,
+    /// Input records per file (a file is rolled when it reaches this).
+    pub roll_records: usize,
+    /// Wall time per file, ms (a file is rolled when it is this old).
+    pub roll_ms: u64,
+    /// Rows per Parquet row group.
+    pub row_group: usize,
+    /// Suffix of the archiver's consumer group.
+    pub group_suffix: String,
+}
+
+impl Default for ArchiveConfig {
+    fn default() -> Self {
+        Self {
+            dir: String::new(),
+            roll_records: 200_000,
+            roll_ms: 60_000,
+            row_group: 50_000,
+            group_suffix: "-archive".into(),
+        }
+    }
+}
+
+/// A checked [`ArchiveConfig`].
+#[derive(Debug, Clone)]
+pub struct ArchiveParams {
+    /// Directory.
+    pub dir: PathBuf,
+    /// Input records per file.
+    pub roll_records: usize,
+    /// Wall time per file.
+    pub roll: Duration,
+    /// Rows per row group.
+    pub row_group: usize,
+    /// Consumer group suffix.
+    pub group_suffix: String,
+}
+
+impl ArchiveConfig {
+    /// `None` when the archive is off; errors name the field.
+    pub fn check(&self) -> Result<Option<ArchiveParams>, String> {
+        if self.dir.trim().is_empty() {
+            return Ok(None);
+        }
+        if self.roll_records == 0 {
+            return Err("archive.roll_records must be at least 1".into());
+        }
+        if self.roll_ms == 0 {
+            return Err("archive.roll_ms must be at least 1".into());
+        }
+        if self.row_group == 0 {
+            return Err("archive.row_group must be at least 1".into());
+        }
+        if self.group_suffix.is_empty() {
+            return Err(
+                "archive.group_suffix must not be empty (the archiver needs its own group)".into(),
+            );
+        }
+        Ok(Some(ArchiveParams {
+            dir: PathBuf::from(&self.dir),
+            roll_records: self.roll_records,
+            roll: Duration::from_millis(self.roll_ms),
+            row_group: self.row_group,
+            group_suffix: self.group_suffix.clone(),
+        }))
+    }
+}
+
+/// Why the archiver stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    /// Creating the consumer or subscribing.
+    #[error("archive consumer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// File system.
+    #[error("archive {step} {path}: {source}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// The path.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Writing Parquet.
+    #[error("archive parquet: {0}")]
+    Parquet(#[from] waterbear_sim::IoError),
+}
+
+/// What an archiver run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveStats {
+    /// Files finalised and committed.
+    pub files: u64,
+    /// Rows in them.
+    pub rows: u64,
+    /// Input records not archived because they do not decode or fail the
+    /// stateless checks (they are in the DLQ).
+    pub skipped: u64,
+    /// Open files discarded (partition revoked or rewound, commit refused).
+    pub discarded: u64,
+}
+
+struct OpenFile {
+    writer: TelemetryWriter,
+    tmp: PathBuf,
+    path: PathBuf,
+    last_offset: i64,
+    inputs: usize,
+    rows: u64,
+    opened: Instant,
+}
+
+/// The archiver: a blocking loop (run it on its own thread).
+pub struct Archiver {
+    params: ArchiveParams,
+    topic: String,
+    consumer: BaseConsumer,
+    open: HashMap<i32, OpenFile>,
+    stats: ArchiveStats,
+}
+
+fn io_err<'a>(
+    step: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> ArchiveError + 'a {
+    move |source| ArchiveError::Io {
+        step,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Archiver {
+    /// Subscribes to the stream's telemetry topic in the archive group.
+    pub fn new(stream: &StreamParams, params: ArchiveParams) -> Result<Self, ArchiveError> {
+        std::fs::create_dir_all(&params.dir).map_err(io_err("creating", &params.dir))?;
+        let mut p = stream.clone();
+        p.group_id = format!("{}{}", p.group_id, params.group_suffix);
+        p.instance_id = format!("{}{}", p.instance_id, params.group_suffix);
+        let consumer: BaseConsumer = waterbear_stream::consumer_config(&p).create()?;
+        consumer.subscribe(&[&stream.telemetry_topic])?;
+        Ok(Self {
+            params,
+            topic: stream.telemetry_topic.clone(),
+            consumer,
+            open: HashMap::new(),
+            stats: ArchiveStats::default(),
+        })
+    }
+
+    /// Runs until `stop()` returns true; then finalises and commits every
+    /// open file.
+    pub fn run(mut self, stop: impl Fn() -> bool) -> Result<ArchiveStats, ArchiveError> {
+        let mut last_assignment_check = Instant::now();
+        while !stop() {
+            if let Some(m) = self.consumer.poll(Duration::from_millis(100)) {
+                match m {
+                    Ok(m) => {
+                        let (part, off) = (m.partition(), m.offset());
+                        let payload = m.payload().unwrap_or_default().to_vec();
+                        drop(m);
+                        self.add(part, off, &payload)?;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "archive consumer"),
+                }
+            }
+            if last_assignment_check.elapsed() >= Duration::from_millis(500) {
+                last_assignment_check = Instant::now();
+                self.drop_unassigned();
+            }
+            self.roll_due(false)?;
+        }
+        self.drop_unassigned();
+        self.roll_due(true)?;
+        tracing::info!(stats = ?self.stats, "archiver stopped");
+        Ok(self.stats)
+    }
+
+    fn file_names(&self, part: i32, first: i64) -> (PathBuf, PathBuf) {
+        let name = format!("{}-p{part:03}-{first:020}.parquet", self.topic);
+        let path = self.params.dir.join(&name);
+        let tmp = self.params.dir.join(format!("{name}.tmp"));
+        (path, tmp)
+    }
+
+    fn add(&mut self, part: i32, off: i64, payload: &[u8]) -> Result<(), ArchiveError> {
+        if let Some(f) = self.open.get(&part) {
+            if off <= f.last_offset {
+                // the consumer went back (rebalance, or a refused commit): the
+                // file restarts from the committed offset
+                self.discard(part);
+            }
+        }
+        if !self.open.contains_key(&part) {
+            let (path, tmp) = self.file_names(part, off);
+            let writer = TelemetryWriter::create(&tmp, self.params.row_group)?;
+            self.open.insert(
+                part,
+                OpenFile {
+                    writer,
+                    tmp,
+                    path,
+                    last_offset: off,
+                    inputs: 0,
+                    rows: 0,
+                    opened: Instant::now(),
+                },
+            );
+        }
+        let f = self.open.get_mut(&part).expect("inserted above");
+        f.last_offset = off;
+        f.inputs += 1;
+        match decode(payload).and_then(|r| r.check().map(|()| r)) {
+            Ok(rec) => {
+                f.writer.write(std::slice::from_ref(&rec))?;
+                f.rows += 1;
+            }
+            Err(_) => self.stats.skipped += 1,
+        }
+        Ok(())
+    }
+
+    fn discard(&mut self, part: i32) {
+        if let Some(f) = self.open.remove(&part) {
+            drop(f.writer);
+            let _ = std::fs::remove_file(&f.tmp);
+            self.stats.discarded += 1;
+        }
+    }
+
+    fn drop_unassigned(&mut self) {
+        let assigned: Vec<i32> = match self.consumer.assignment() {
+            Ok(tpl) => tpl.elements().iter().map(|e| e.partition()).collect(),
+            Err(_) => return,
+        };
+        let gone: Vec<i32> = self
+            .open
+            .keys()
+            .filter(|p| !assigned.contains(p))
+            .copied()
+            .collect();
+        for p in gone {
+            tracing::info!(
+                partition = p,
+                "archive partition revoked: open file discarded"
+            );
+            self.discard(p);
+        }
+    }
+
+    fn roll_due(&mut self, all: bool) -> Result<(), ArchiveError> {
+        let due: Vec<i32> = self
+            .open
+            .iter()
+            .filter(|(_, f)| {
+                all || f.inputs >= self.params.roll_records
+                    || f.opened.elapsed() >= self.params.roll
+            })
+            .map(|(&p, _)| p)
+            .collect();
+        for p in due {
+            self.finalize(p)?;
+        }
+        Ok(())
+    }
+
+    /// Footer, sync, rename, sync the directory, then commit the offset.
+    fn finalize(&mut self, part: i32) -> Result<(), ArchiveError> {
+        let f = self.open.remove(&part).expect("due files are open");
+        let rows = f.writer.finish()?;
+        if f.rows == 0 {
+            std::fs::remove_file(&f.tmp).map_err(io_err("removing", &f.tmp))?;
+        } else {
+            std::fs::rename(&f.tmp, &f.path).map_err(io_err("renaming", &f.tmp))?;
+            let dir = std::fs::File::open(&self.params.dir)
+                .map_err(io_err("opening", &self.params.dir))?;
+            dir.sync_all()
+                .map_err(io_err("syncing", &self.params.dir))?;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.topic, part, Offset::Offset(f.last_offset + 1))
+            .expect("valid offset");
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                if f.rows > 0 {
+                    self.stats.files += 1;
+                    self.stats.rows += rows;
+                    tracing::debug!(file = %f.path.display(), rows, "archive file committed");
+                }
+            }
+            Err(e) => {
+                // Not ours any more (or the broker refused): whoever reads the
+                // partition next starts at the committed offset, which is this
+                // file's first offset, and replaces this file.
+                tracing::warn!(partition = part, error = %e, "archive commit refused; the partition's next owner rewrites the file");
+                self.stats.discarded += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deletes leftover `*.parquet.tmp` files (of a crashed run) in `dir`.
+pub fn remove_leftovers(dir: &Path) -> Result<usize, ArchiveError> {
+    let mut n = 0;
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("listing", dir)(e)),
+    };
+    for e in rd {
+        let e = e.map_err(io_err("listing", dir))?;
+        let p = e.path();
+        if p.to_string_lossy().ends_with(".parquet.tmp") {
+            std::fs::remove_file(&p).map_err(io_err("removing", &p))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_off_by_default_and_errors_name_the_field() {
+        assert!(ArchiveConfig::default().check().unwrap().is_none());
+        let c = ArchiveConfig {
+            dir: "/tmp/x".into(),
+            roll_records: 0,
+            ..Default::default()
+        };
+        assert!(c.check().unwrap_err().contains("archive.roll_records"));
+        let c = ArchiveConfig {
+            dir: "/tmp/x".into(),
+            ..Default::default()
+        };
+        assert_eq!(c.check().unwrap().unwrap().roll, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn leftovers_are_removed_and_finished_files_kept() {
+        let dir = std::env::temp_dir().join(format!("wb-archive-left-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("t-p000-00000000000000000000.parquet.tmp"), b"x").unwrap();
+        std::fs::write(dir.join("t-p000-00000000000000000007.parquet"), b"y").unwrap();
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
