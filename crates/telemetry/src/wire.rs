@@ -45,6 +45,13 @@ pub fn decode(bytes: &[u8]) -> Result<HostRecord, ValidationError> {
             message: "a record must be a JSON object".into(),
         });
     }
+    // Fast path: plain serde_json. Only a record that fails is parsed again with
+    // path tracking, to name the failing field (it takes 2.8 us per record against
+    // 1.5 us: `cargo bench -p waterbear-telemetry --bench decode`).
+    if let Ok(rec) = serde_json::from_slice::<HostRecord>(bytes) {
+        rec.check()?;
+        return Ok(rec);
+    }
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let rec: HostRecord = match serde_path_to_error::deserialize(&mut de) {
         Ok(rec) => rec,

@@ -1,0 +1,24 @@
+//! Wire decoding per record: `cargo bench -p waterbear-telemetry --bench decode`.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use waterbear_telemetry::{HostRecord, decode, encode_to_vec};
+
+fn bench(c: &mut Criterion) {
+    let bytes = encode_to_vec(&HostRecord::example("host-00042", 1_767_225_600_000));
+    let mut g = c.benchmark_group("wire");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("decode_valid", |b| {
+        b.iter(|| decode(std::hint::black_box(&bytes)).unwrap())
+    });
+    g.bench_function("decode_path_tracking", |b| {
+        b.iter(|| {
+            let mut de = serde_json::Deserializer::from_slice(std::hint::black_box(&bytes));
+            let r: HostRecord = serde_path_to_error::deserialize(&mut de).unwrap();
+            r
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
