@@ -143,21 +143,8 @@ fn targets_are_healthy_hosts_with_room_in_other_fault_domains() {
         host_vm_capacity: 6,
         ..Default::default()
     });
-    let mut put = |host: &str, fd: u32, score: f64, vms: u32| {
-        r.step(&Input::Observe(ObserveInput {
-            host_id: host.into(),
-            cluster: "c".into(),
-            rack: format!("r{fd}"),
-            fault_domain: fd,
-            update_domain: 0,
-            availability_sets: vec![],
-            vm_count: vms,
-            vm_mem_mib: 4096 * u64::from(vms),
-            ts_ms: 0,
-            score,
-            signature: Signature::Disk,
-        }))
-    };
+    let mut put =
+        |host: &str, fd: u32, score: f64, vms: u32| r.step(&obs_at(host, "c", fd, score, vms));
     put("same-fd", 0, 0.0, 0); // same fault domain: last resort
     put("full", 1, 0.0, 6); // no room
     put("risky", 2, 0.5, 0); // scores above the exit threshold
@@ -206,19 +193,7 @@ fn targets_stay_in_the_source_cluster() {
         ..Default::default()
     });
     let mut put = |host: &str, cluster: &str, fd: u32, score: f64, vms: u32| {
-        r.step(&Input::Observe(ObserveInput {
-            host_id: host.into(),
-            cluster: cluster.into(),
-            rack: format!("{cluster}-r{fd}"),
-            fault_domain: fd,
-            update_domain: 0,
-            availability_sets: vec![],
-            vm_count: vms,
-            vm_mem_mib: 4096 * u64::from(vms),
-            ts_ms: 0,
-            score,
-            signature: Signature::Disk,
-        }))
+        r.step(&obs_at(host, cluster, fd, score, vms))
     };
     // an empty host in another cluster (first in index order, least loaded)
     put("other-cluster", "d", 1, 0.0, 0);

@@ -29,6 +29,24 @@ pub fn obs(host: &str, fd: u32, ts_ms: i64, score: f64, signature: Signature) ->
     })
 }
 
+/// A disk-signature record at time 0 of `host` in `cluster`, fault domain `fd`
+/// (rack `<cluster>-r<fd>`), with `vms` VMs of 4 GiB each.
+pub fn obs_at(host: &str, cluster: &str, fd: u32, score: f64, vms: u32) -> Input {
+    Input::Observe(ObserveInput {
+        host_id: host.into(),
+        cluster: cluster.into(),
+        rack: format!("{cluster}-r{fd}"),
+        fault_domain: fd,
+        update_domain: 0,
+        availability_sets: vec![],
+        vm_count: vms,
+        vm_mem_mib: 4096 * u64::from(vms),
+        ts_ms: 0,
+        score,
+        signature: Signature::Disk,
+    })
+}
+
 pub fn decisions(out: Vec<Output>) -> Vec<Decision> {
     out.into_iter()
         .filter_map(|o| match o {
