@@ -93,10 +93,13 @@ struct Failure {
     mode: FailureMode,
 }
 
+/// Streams a trace's records, in time order, to a sink.
+type Replayer = dyn Fn(&mut dyn FnMut(&HostRecord));
+
 /// A recorded trace: records in time order, and the truth about failures.
 struct Trace {
     name: &'static str,
-    records: Box<dyn Fn(&mut dyn FnMut(&HostRecord))>,
+    records: Box<Replayer>,
     /// Hosts with a failure coming (within the trace or past its end).
     failing: HashMap<String, Failure>,
     end_ms: i64,
@@ -603,9 +606,9 @@ fn backblaze_trace(path: &Path) -> Result<Trace, BacktestError> {
                 let i = *index.entry(r.0.as_str()).or_insert(n);
                 let prev = last.entry(r.0.as_str()).or_insert([0; 7]);
                 let mut v = *prev;
-                for k in 0..7 {
-                    if r.3[k] >= 0 {
-                        v[k] = r.3[k] as u64;
+                for (slot, &raw) in v.iter_mut().zip(&r.3) {
+                    if raw >= 0 {
+                        *slot = raw as u64;
                     }
                 }
                 // cumulative counters never go backwards (a null or a reset keeps the last)
@@ -727,10 +730,9 @@ fn score_shadow(t: &Trace, decisions: &[Decision]) -> ShadowScore {
             continue;
         }
         failures += 1;
-        if let Some(&d) = first.get(h.as_str()) {
-            if d < f.fail_ms {
-                leads.push((f.fail_ms - d) as f64 / 3_600_000.0);
-            }
+        match first.get(h.as_str()) {
+            Some(&d) if d < f.fail_ms => leads.push((f.fail_ms - d) as f64 / 3_600_000.0),
+            _ => {}
         }
     }
     leads.sort_by(f64::total_cmp);
