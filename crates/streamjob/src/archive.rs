@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use prometheus::{IntCounter, Registry};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -129,6 +130,44 @@ pub enum ArchiveError {
     Parquet(#[from] waterbear_sim::IoError),
 }
 
+/// The archiver's counters on the job's Prometheus endpoint
+/// (`waterbear_archive_*_total`).
+#[derive(Clone)]
+pub struct ArchiveMetrics {
+    files: IntCounter,
+    rows: IntCounter,
+    skipped: IntCounter,
+    discarded: IntCounter,
+}
+
+impl ArchiveMetrics {
+    /// Creates the counters and registers them in `registry`.
+    pub fn new(registry: &Registry) -> Self {
+        let mk = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("archive metric names are unique");
+            c
+        };
+        Self {
+            files: mk(
+                "waterbear_archive_files_total",
+                "Parquet files finished and committed",
+            ),
+            rows: mk("waterbear_archive_rows_total", "Rows in those files"),
+            skipped: mk(
+                "waterbear_archive_skipped_total",
+                "Input records not archived (malformed; they are in the DLQ)",
+            ),
+            discarded: mk(
+                "waterbear_archive_discarded_total",
+                "Open files discarded (revoked or rewound partition, refused commit)",
+            ),
+        }
+    }
+}
+
 /// What an archiver run did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArchiveStats {
@@ -160,6 +199,7 @@ pub struct Archiver {
     consumer: BaseConsumer,
     open: HashMap<i32, OpenFile>,
     stats: ArchiveStats,
+    metrics: Option<ArchiveMetrics>,
 }
 
 fn io_err<'a>(
@@ -188,7 +228,14 @@ impl Archiver {
             consumer,
             open: HashMap::new(),
             stats: ArchiveStats::default(),
+            metrics: None,
         })
+    }
+
+    /// Also counts into `metrics` (the job's endpoint).
+    pub fn with_metrics(mut self, metrics: ArchiveMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Runs until `stop()` returns true; then finalises and commits every
@@ -258,7 +305,12 @@ impl Archiver {
                 f.writer.write(std::slice::from_ref(&rec))?;
                 f.rows += 1;
             }
-            Err(_) => self.stats.skipped += 1,
+            Err(_) => {
+                self.stats.skipped += 1;
+                if let Some(m) = &self.metrics {
+                    m.skipped.inc();
+                }
+            }
         }
         Ok(())
     }
@@ -267,7 +319,7 @@ impl Archiver {
         if let Some(f) = self.open.remove(&part) {
             drop(f.writer);
             let _ = std::fs::remove_file(&f.tmp);
-            self.stats.discarded += 1;
+            self.count_discarded();
         }
     }
 
@@ -307,6 +359,13 @@ impl Archiver {
         Ok(())
     }
 
+    fn count_discarded(&mut self) {
+        self.stats.discarded += 1;
+        if let Some(m) = &self.metrics {
+            m.discarded.inc();
+        }
+    }
+
     /// Footer, sync, rename, sync the directory, then commit the offset.
     fn finalize(&mut self, part: i32) -> Result<(), ArchiveError> {
         let f = self.open.remove(&part).expect("due files are open");
@@ -328,6 +387,10 @@ impl Archiver {
                 if f.rows > 0 {
                     self.stats.files += 1;
                     self.stats.rows += rows;
+                    if let Some(m) = &self.metrics {
+                        m.files.inc();
+                        m.rows.inc_by(rows);
+                    }
                     tracing::debug!(file = %f.path.display(), rows, "archive file committed");
                 }
             }
@@ -336,7 +399,7 @@ impl Archiver {
                 // partition next starts at the committed offset, which is this
                 // file's first offset, and replaces this file.
                 tracing::warn!(partition = part, error = %e, "archive commit refused; the partition's next owner rewrites the file");
-                self.stats.discarded += 1;
+                self.count_discarded();
             }
         }
         Ok(())
@@ -380,6 +443,21 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(c.check().unwrap().unwrap().roll, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn metrics_register_on_the_job_registry() {
+        let reg = Registry::new();
+        let m = ArchiveMetrics::new(&reg);
+        m.rows.inc_by(3);
+        let names: Vec<String> = reg.gather().iter().map(|f| f.name().to_string()).collect();
+        assert_eq!(names.len(), 4, "{names:?}");
+        let rows = reg
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "waterbear_archive_rows_total")
+            .unwrap();
+        assert_eq!(rows.get_metric()[0].get_counter().get_value(), 3.0);
     }
 
     #[test]

@@ -20,7 +20,9 @@ pub mod decider;
 pub mod scorer;
 pub mod simulate;
 
-pub use archive::{ArchiveConfig, ArchiveError, ArchiveParams, ArchiveStats, Archiver};
+pub use archive::{
+    ArchiveConfig, ArchiveError, ArchiveMetrics, ArchiveParams, ArchiveStats, Archiver,
+};
 pub use config::{JobConfig, JobConfigError, JobSection, Role};
 pub use decider::Decider;
 pub use scorer::{ScoreRecord, Scorer};
@@ -96,7 +98,8 @@ where
                     "removed unfinished archive files of an earlier run"
                 );
             }
-            let a = Archiver::new(&cfg.params, ap.clone())?;
+            let a = Archiver::new(&cfg.params, ap.clone())?
+                .with_metrics(ArchiveMetrics::new(&scorer_metrics.registry));
             let (rxa, txa) = (rx.clone(), tx.clone());
             Some(tokio::task::spawn_blocking(move || {
                 let r = a.run(|| *rxa.borrow());
