@@ -613,6 +613,19 @@ pub struct IncomingOptions {
     pub io_timeout: Duration,
     /// Name for the new VM (defaults to the source's).
     pub rename: Option<String>,
+    /// Guest memory prepared before the source connected (fresh from
+    /// [`GuestMemory::new`], typically already [`GuestMemory::populate`]d), as
+    /// a destination started with the guest's memory size would hold it. Used
+    /// when its size matches the source's; otherwise fresh memory is
+    /// allocated after HELLO. Must not be shared with a running VM.
+    pub memory: Option<Arc<GuestMemory>>,
+    /// Populate freshly allocated memory (MADV_POPULATE_WRITE) before
+    /// acknowledging HELLO, so incoming pages do not fault one by one. Off by
+    /// default: measured on 2 cores it was no faster than faulting pages as
+    /// they arrive, because allocating and clearing the pages costs the same
+    /// either way, only preparing memory ahead (`memory`) takes it out of the
+    /// migration.
+    pub populate: bool,
 }
 
 impl Default for IncomingOptions {
@@ -620,8 +633,33 @@ impl Default for IncomingOptions {
         Self {
             io_timeout: Duration::from_secs(30),
             rename: None,
+            memory: None,
+            populate: false,
         }
     }
+}
+
+/// Guest memory for an incoming VM: the prepared one when it fits, else
+/// fresh (and populated when asked).
+fn incoming_memory(
+    config: &VmConfig,
+    opts: &IncomingOptions,
+) -> Result<Arc<GuestMemory>, MigrationError> {
+    if let Some(mem) = &opts.memory {
+        if mem.size() == config.mem_bytes {
+            return Ok(Arc::clone(mem));
+        }
+        tracing::warn!(
+            prepared = mem.size(),
+            wanted = config.mem_bytes,
+            "prepared target memory has the wrong size; allocating fresh memory"
+        );
+    }
+    let mem = GuestMemory::new(&config.name, config.mem_bytes)?;
+    if opts.populate {
+        mem.populate()?;
+    }
+    Ok(Arc::new(mem))
 }
 
 /// Receives a migration on `stream`; returns the running VM once committed.
@@ -641,9 +679,9 @@ pub fn migrate_in(
     let setup = config
         .validate()
         .map_err(vm_err("validating the config"))
-        .and_then(|()| Ok(GuestMemory::new(&config.name, config.mem_bytes)?))
+        .and_then(|()| incoming_memory(&config, opts))
         .and_then(|mem| {
-            Vm::with_memory(config.clone(), Arc::new(mem)).map_err(vm_err("creating the target VM"))
+            Vm::with_memory(config.clone(), mem).map_err(vm_err("creating the target VM"))
         });
     let vm = match setup {
         Ok(vm) => vm,

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -41,6 +42,10 @@ fn check_guest_pattern(mem: &GuestMemory, counter: u32) {
 }
 
 fn migrate_at_rate(rate: u64) {
+    migrate_with(rate, IncomingOptions::default());
+}
+
+fn migrate_with(rate: u64, in_opts: IncomingOptions) {
     let src = Vm::boot(VmConfig::new(format!("src-{rate}"), 32, rate)).unwrap();
     src.wait_until(WAIT, |s| s.ready && s.counter >= 20)
         .unwrap();
@@ -49,7 +54,7 @@ fn migrate_at_rate(rate: u64) {
     let addr = listener.local_addr().unwrap();
     let target = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        migrate_in(stream, &IncomingOptions::default())
+        migrate_in(stream, &in_opts)
     });
     let opts = MigrateOptions {
         verify_checksum: true,
@@ -103,6 +108,36 @@ fn migrates_moderately_dirtying_guest() {
 #[test]
 fn migrates_heavily_dirtying_guest() {
     migrate_at_rate(500_000_000);
+}
+
+/// Target memory allocated and populated before the source connects.
+fn prepared_memory(mib: u64) -> Arc<GuestMemory> {
+    let mem = GuestMemory::new("prepared", mib << 20).unwrap();
+    mem.populate().unwrap();
+    Arc::new(mem)
+}
+
+#[test]
+fn migrates_into_prepared_memory() {
+    migrate_with(
+        50_000_000,
+        IncomingOptions {
+            memory: Some(prepared_memory(32)),
+            ..IncomingOptions::default()
+        },
+    );
+}
+
+#[test]
+fn migrates_into_populated_memory_and_ignores_prepared_memory_of_another_size() {
+    migrate_with(
+        500_000_000,
+        IncomingOptions {
+            memory: Some(prepared_memory(16)),
+            populate: true,
+            ..IncomingOptions::default()
+        },
+    );
 }
 
 #[test]
