@@ -264,6 +264,11 @@ impl<W: Write> Write for Counting<W> {
         self.bytes += n as u64;
         Ok(n)
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
