@@ -2,12 +2,18 @@
 //!
 //! Source                                   Target
 //! ------                                   ------
-//! HELLO {config}                      ->   creates VM (paused) over fresh memfd
+//! HELLO {config}                      ->   creates VM (paused) over fresh or
+//!                                          prepared memfd memory
 //!                                     <-   HELLO_ACK
 //! start dirty log; round 0: all pages ->   writes pages into guest RAM
-//! rounds 1..: dirty pages, ROUND_END  ->
+//!   (PAGES_LIVE, straight from RAM),
+//!   ROUND_END                         <-   ROUND_ACK {resend: torn frames}
+//! rounds 1..: dirty + resend pages    ->
+//!   (PAGES_LIVE from a snapshot), ROUND_END
 //! (until the dirty set fits the downtime budget or the round limit)
-//! pause; final dirty pages; STATE     ->   loads vCPU state, checks memory CRC
+//! pause; final dirty pages (PAGES);
+//! STATE                               ->   refuses if any page is unverified;
+//!                                          loads vCPU state, checks memory CRC
 //!                                     <-   PREPARED {ok}
 //! fence source (never resumes); COMMIT ->  resumes the guest
 //!                                     <-   STARTED
