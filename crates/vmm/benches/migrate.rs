@@ -2,13 +2,18 @@
 //! loopback-TCP figures on this machine (prints a Markdown table).
 //!
 //! `WB_BENCH_SIZES=256,1024` (MiB), `WB_BENCH_RATES=0,50,500` (MB/s) and
-//! `WB_BENCH_REPS=3` override the defaults.
+//! `WB_BENCH_REPS=3` override the defaults. `WB_BENCH_TARGET=prepared`
+//! (default: target memory allocated and populated before the source
+//! connects), `populate` (populated after HELLO, inside the total) or `lazy`
+//! (faulted page by page) picks how the target gets its memory;
+//! `WB_BENCH_NO_PHASE3=1` skips the phase-3 runs; `WB_BENCH_CHUNK=pages`
+//! overrides `MigrateOptions::chunk_pages`.
 
 use std::path::Path;
 use std::time::Duration;
 
 use waterbear_vmm::MigrateOptions;
-use waterbear_vmm::bench::{bench_loopback_tcp, bench_migrate, bench_phase3};
+use waterbear_vmm::bench::{TargetMemory, bench_loopback_tcp, bench_migrate, bench_phase3};
 
 fn list(var: &str, default: &[u64]) -> Vec<u64> {
     std::env::var(var)
@@ -32,6 +37,15 @@ fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
     let sizes = list("WB_BENCH_SIZES", if quick { &[64] } else { &[256, 1024] });
     let rates = list("WB_BENCH_RATES", &[0, 50, 500]);
+    let target = std::env::var("WB_BENCH_TARGET")
+        .ok()
+        .map(|t| TargetMemory::parse(&t).expect("WB_BENCH_TARGET: prepared, populate or lazy"))
+        .unwrap_or(TargetMemory::Prepared);
+    let mut opts = MigrateOptions::default();
+    if let Some(chunk) = list("WB_BENCH_CHUNK", &[]).first() {
+        opts.chunk_pages = *chunk as u32;
+    }
+    let skip_phase3 = std::env::var_os("WB_BENCH_NO_PHASE3").is_some();
     let reps = list("WB_BENCH_REPS", &[if quick { 1 } else { 3 }])[0].max(1) as usize;
 
     let tcp: Vec<f64> = (0..reps.max(3))
@@ -44,6 +58,7 @@ fn main() {
         tcp / 1e6
     );
 
+    println!("target memory: {target:?}\n");
     println!(
         "| guest | dirty rate | total ms | downtime ms | sent MiB | rounds | final pages | eff. MB/s | eff./TCP |"
     );
@@ -52,10 +67,7 @@ fn main() {
         for &rate in &rates {
             let mut runs = Vec::new();
             for _ in 0..reps {
-                runs.push(
-                    bench_migrate(mib, rate * 1_000_000, &MigrateOptions::default())
-                        .expect("migration"),
-                );
+                runs.push(bench_migrate(mib, rate * 1_000_000, &opts, target).expect("migration"));
             }
             runs.sort_by_key(|r| r.downtime);
             let r = &runs[runs.len() / 2];
@@ -79,6 +91,9 @@ fn main() {
         }
     }
 
+    if skip_phase3 {
+        return;
+    }
     let exe = Path::new(env!("CARGO_BIN_EXE_wb-host-agent"));
     let p3_mib = if quick { 16 } else { 256 };
     let mut freezes = Vec::new();

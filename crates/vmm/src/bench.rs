@@ -4,11 +4,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{AgentClient, AgentError, Phase3Report, Request, Response};
+use crate::memory::GuestMemory;
 use crate::migration::{IncomingOptions, MigrateOptions, MigrationError, migrate_in, migrate_out};
 use crate::vm::{Vm, VmConfig, VmError};
 
@@ -43,6 +45,30 @@ pub struct MigrateFigures {
     pub breakdown: crate::migration::Breakdown,
 }
 
+/// How the benchmark's target gets its guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetMemory {
+    /// Allocated and populated before the source connects (outside the
+    /// measured total), like a destination started with the guest's size.
+    Prepared,
+    /// Allocated and populated after HELLO (inside the handshake).
+    PopulateOnHello,
+    /// Allocated after HELLO, each page faulted in by its first write.
+    Lazy,
+}
+
+impl TargetMemory {
+    /// Parses `prepared`, `populate` or `lazy`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "prepared" => Some(Self::Prepared),
+            "populate" => Some(Self::PopulateOnHello),
+            "lazy" => Some(Self::Lazy),
+            _ => None,
+        }
+    }
+}
+
 /// Boots a `mem_mib` guest dirtying `dirty_bytes_per_sec`, waits for its
 /// prefill pass, migrates it to a second in-process VMM over loopback TCP and
 /// reports the figures.
@@ -50,6 +76,7 @@ pub fn bench_migrate(
     mem_mib: u64,
     dirty_bytes_per_sec: u64,
     opts: &MigrateOptions,
+    target_memory: TargetMemory,
 ) -> Result<MigrateFigures, BenchError> {
     let src = Vm::boot(VmConfig::new("bench-src", mem_mib, dirty_bytes_per_sec))?;
     let c = src
@@ -59,10 +86,25 @@ pub fn bench_migrate(
     src.wait_until(Duration::from_secs(30), |s| s.counter >= c + 100)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let target = std::thread::spawn(move || -> Result<Vm, BenchError> {
+        let mut in_opts = IncomingOptions::default();
+        match target_memory {
+            TargetMemory::Prepared => {
+                let mem = GuestMemory::new("bench-dst", mem_mib << 20).map_err(VmError::from)?;
+                mem.populate().map_err(VmError::from)?;
+                in_opts.memory = Some(Arc::new(mem));
+            }
+            TargetMemory::PopulateOnHello => in_opts.populate = true,
+            TargetMemory::Lazy => in_opts.populate = false,
+        }
+        let _ = ready_tx.send(());
         let (stream, _) = listener.accept()?;
-        Ok(migrate_in(stream, &IncomingOptions::default())?.0)
+        Ok(migrate_in(stream, &in_opts)?.0)
     });
+    // The source connects only once the target is ready (its preparation
+    // is not part of the migration's total).
+    let _ = ready_rx.recv();
     let report = migrate_out(&src, addr, opts);
     let dst = target
         .join()

@@ -26,6 +26,8 @@ pub enum MemoryError {
     SizeMismatch { expected: u64, actual: u64 },
     #[error("mmap of {size} bytes failed: {source}")]
     Mmap { size: u64, source: io::Error },
+    #[error("populating guest memory failed: {0}")]
+    Populate(#[source] io::Error),
     #[error("changing FD_CLOEXEC on the memory fd failed: {0}")]
     Cloexec(#[source] io::Error),
 }
@@ -152,6 +154,41 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Allocates and maps every page of guest RAM now (zeroed, writable), so
+    /// later writes neither fault nor wait for the kernel to allocate and
+    /// clear a page. A migration target does this before the pages arrive,
+    /// as QEMU's destination does with preallocated RAM.
+    ///
+    /// Uses `MADV_POPULATE_WRITE` (Linux 5.14+) and falls back to
+    /// `fallocate` on the memfd (allocates and clears the pages but leaves
+    /// the page-table entries to the first touch) on older kernels.
+    pub fn populate(&self) -> Result<(), MemoryError> {
+        // SAFETY: advising on exactly our own live shared mapping;
+        // MADV_POPULATE_WRITE only faults pages in as if written with their
+        // current contents (zero for fresh memfd pages), it changes no data.
+        let rc = unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().cast(),
+                self.size as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(MemoryError::Populate(err));
+        }
+        // SAFETY: fallocate on the memfd we own, within its size; mode 0
+        // only allocates blocks that are not allocated yet (keeps data).
+        let rc = unsafe { libc::fallocate(self.fd.as_raw_fd(), 0, 0, self.size as libc::off_t) };
+        if rc != 0 {
+            return Err(MemoryError::Populate(io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Keeps (or stops keeping) the memfd open across `exec`.
     pub fn set_inherit_on_exec(&self, inherit: bool) -> Result<(), MemoryError> {
         set_cloexec(self.fd.as_raw_fd(), !inherit).map_err(MemoryError::Cloexec)
@@ -268,6 +305,10 @@ mod tests {
         assert_eq!(other.checksum(), before);
         drop(mem);
         assert_eq!(other.read_u32(0x1000), 0xdead_beef);
+        // Populating keeps the contents.
+        other.populate().unwrap();
+        assert_eq!(other.read_u32(0x1000), 0xdead_beef);
+        assert_eq!(other.checksum(), before);
     }
 
     #[test]

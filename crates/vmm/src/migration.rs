@@ -2,12 +2,18 @@
 //!
 //! Source                                   Target
 //! ------                                   ------
-//! HELLO {config}                      ->   creates VM (paused) over fresh memfd
+//! HELLO {config}                      ->   creates VM (paused) over fresh or
+//!                                          prepared memfd memory
 //!                                     <-   HELLO_ACK
 //! start dirty log; round 0: all pages ->   writes pages into guest RAM
-//! rounds 1..: dirty pages, ROUND_END  ->
+//!   (PAGES_LIVE, straight from RAM),
+//!   ROUND_END                         <-   ROUND_ACK {resend: torn frames}
+//! rounds 1..: dirty + resend pages    ->
+//!   (PAGES_LIVE from a snapshot), ROUND_END
 //! (until the dirty set fits the downtime budget or the round limit)
-//! pause; final dirty pages; STATE     ->   loads vCPU state, checks memory CRC
+//! pause; final dirty pages (PAGES);
+//! STATE                               ->   refuses if any page is unverified;
+//!                                          loads vCPU state, checks memory CRC
 //!                                     <-   PREPARED {ok}
 //! fence source (never resumes); COMMIT ->  resumes the guest
 //!                                     <-   STARTED
@@ -30,10 +36,12 @@ use crate::memory::{GuestMemory, MemoryError};
 use crate::vm::{VcpuState, Vm, VmConfig, VmError};
 use crate::wire::{self, FrameError, Protocol};
 
-/// The migration wire protocol: magic `WBMG`, version 1, payloads up to 8 MiB.
+/// The migration wire protocol: magic `WBMG`, version 2, payloads up to 8 MiB.
+///
+/// Version 2 added `PAGES_LIVE` and the `resend` list of `ROUND_ACK`.
 pub const PROTOCOL: Protocol = Protocol {
     magic: u32::from_le_bytes(*b"WBMG"),
-    version: 1,
+    version: 2,
     max_payload: 8 << 20,
 };
 
@@ -41,7 +49,8 @@ pub const PROTOCOL: Protocol = Protocol {
 pub mod kind {
     pub const HELLO: u16 = 1;
     pub const HELLO_ACK: u16 = 2;
-    /// Payload: GPA (u64 LE) followed by whole pages.
+    /// Payload: GPA (u64 LE) followed by whole pages. A checksum mismatch
+    /// aborts the migration.
     pub const PAGES: u16 = 3;
     pub const ROUND_END: u16 = 4;
     pub const STATE: u16 = 5;
@@ -49,8 +58,16 @@ pub mod kind {
     pub const COMMIT: u16 = 7;
     pub const STARTED: u16 = 8;
     pub const ABORT: u16 = 9;
-    /// Target has applied everything up to a ROUND_END.
+    /// Target has applied everything up to a ROUND_END; lists the pages whose
+    /// `PAGES_LIVE` frames failed their checksum (to be sent again).
     pub const ROUND_ACK: u16 = 10;
+    /// Same payload as `PAGES`, sent straight from the memory of a running
+    /// guest, which may rewrite a page between the checksum and the send
+    /// (the dirty log sends such a page again). On a checksum mismatch the
+    /// target keeps the pages marked unverified and lists them in its next
+    /// ROUND_ACK; it refuses STATE while any page is unverified, so no page
+    /// reaches a running guest without a matching checksum.
+    pub const PAGES_LIVE: u16 = 11;
 }
 
 /// Small-trait view of what migration needs from a VM (in the style of Cloud
@@ -149,6 +166,10 @@ pub struct MigrationReport {
     pub final_pages: u64,
     /// The dirty set fell under the downtime budget before the round limit.
     pub converged: bool,
+    /// Pages sent again because the target could not verify their
+    /// `PAGES_LIVE` frame (the guest rewrote them mid-send).
+    #[serde(default)]
+    pub resent_pages: u64,
     /// Memory CRC both sides agreed on, when `verify_checksum` was set.
     pub checksum: Option<u32>,
     /// Guest counter at the pause.
@@ -212,6 +233,8 @@ pub enum MigrationError {
     SourceAborted(String),
     #[error("page frame out of range: gpa {gpa:#x} + {len} bytes")]
     BadPages { gpa: u64, len: u64 },
+    #[error("{pages} pages never arrived with a matching checksum")]
+    UnverifiedPages { pages: u64 },
     #[error("memory checksum mismatch: source {source_crc:#010x}, target {target_crc:#010x}")]
     ChecksumMismatch { source_crc: u32, target_crc: u32 },
     #[error("commit sent but the target's start was not confirmed ({0}); the source stays fenced")]
@@ -245,6 +268,19 @@ struct RoundEnd {
     pages: u64,
 }
 
+/// Most page runs one ROUND_ACK lists; pages beyond stay unverified and are
+/// listed by a later ROUND_ACK (or make the target refuse STATE).
+const MAX_RESEND_RUNS: usize = 65_536;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct RoundAck {
+    round: u32,
+    pages: u64,
+    /// (first page, page count) runs the target could not verify.
+    #[serde(default)]
+    resend: Vec<(u64, u64)>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct FinalState {
     vcpu: VcpuState,
@@ -261,6 +297,11 @@ struct Counting<W> {
 impl<W: Write> Write for Counting<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let n = self.inner.write_vectored(bufs)?;
         self.bytes += n as u64;
         Ok(n)
     }
@@ -371,14 +412,8 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
     let all = full_bitmap(npages);
     let mut scratch = Vec::with_capacity(opts.chunk_pages as usize * PAGE_SIZE as usize);
     let t = Instant::now();
-    pages_sent += send_pages(
-        w,
-        mem,
-        &all,
-        opts.chunk_pages,
-        Source::Running(&mut scratch),
-    )?;
-    end_round(r, w, 0, npages)?;
+    pages_sent += send_pages(w, mem, &all, opts.chunk_pages, Source::Live)?;
+    let mut resend = end_round(r, w, 0, npages)?;
     let mut breakdown = Breakdown {
         round0: t.elapsed(),
         ..Breakdown::default()
@@ -389,11 +424,16 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
     let mut converged = false;
 
     let mut pending = vec![0u64; words];
+    let mut resent_pages = 0u64;
     loop {
-        let bitmap = vm.dirty_log().map_err(vm_err("reading the dirty log"))?;
+        let mut bitmap = vm.dirty_log().map_err(vm_err("reading the dirty log"))?;
+        resent_pages += mark_runs(&mut bitmap, &resend);
         let dirty: u64 = bitmap.iter().map(|w| u64::from(w.count_ones())).sum();
         let est = Duration::from_secs_f64(dirty as f64 * PAGE_SIZE as f64 / bandwidth);
-        if est <= opts.max_downtime {
+        // Pages the target could not verify go once more while the guest
+        // runs (from a snapshot, so they cannot tear again) rather than
+        // inside the downtime.
+        if est <= opts.max_downtime && resend.is_empty() {
             converged = true;
             pending = bitmap;
             break;
@@ -408,9 +448,9 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
             mem,
             &bitmap,
             opts.chunk_pages,
-            Source::Running(&mut scratch),
+            Source::Snapshot(&mut scratch),
         )?;
-        end_round(r, w, rounds, sent)?;
+        resend = end_round(r, w, rounds, sent)?;
         let secs = t.elapsed().as_secs_f64();
         if secs > 0.0 && sent > 64 {
             bandwidth = sent as f64 * PAGE_SIZE as f64 / secs;
@@ -481,10 +521,39 @@ fn precopy_and_commit<M: Migratable, R: Read, W: Write>(
         rounds,
         final_pages,
         converged,
+        resent_pages,
         checksum,
         counter_at_pause,
         breakdown,
     })
+}
+
+/// Sets the bits of `runs` (first page, count) in `bitmap`, ignoring pages
+/// beyond it; returns how many pages the runs named.
+fn mark_runs(bitmap: &mut [u64], runs: &[(u64, u64)]) -> u64 {
+    let mut named = 0;
+    for &(first, count) in runs {
+        named += count;
+        let end = first.saturating_add(count).min(bitmap.len() as u64 * 64);
+        for page in first..end {
+            bitmap[(page / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+    named
+}
+
+/// Clears the bits of pages `first .. first+count` in `bitmap`.
+fn clear_run(bitmap: &mut [u64], first: u64, count: u64) {
+    for page in first..first + count {
+        bitmap[(page / 64) as usize] &= !(1 << (page % 64));
+    }
+}
+
+/// Number of set bits among pages `first .. first+count`.
+fn count_bits(bitmap: &[u64], first: u64, count: u64) -> u64 {
+    (first..first + count)
+        .filter(|&p| bitmap[(p / 64) as usize] & (1 << (p % 64)) != 0)
+        .count() as u64
 }
 
 fn full_bitmap(npages: u64) -> Vec<u64> {
@@ -532,11 +601,17 @@ pub fn dirty_runs(bitmap: &[u64], max: u32) -> Vec<(u64, u64)> {
 
 /// How pages are read while sending.
 enum Source<'a> {
-    /// The guest runs: copy each run into `scratch` first, so the CRC covers
-    /// exactly the bytes sent (the guest may rewrite a page mid-send; the
-    /// dirty log makes it go again later).
-    Running(&'a mut Vec<u8>),
-    /// The guest is paused: send straight from guest memory.
+    /// The guest runs, most pages are cold (first pass): send straight from
+    /// guest memory as `PAGES_LIVE`, no copy. A page the guest rewrites
+    /// between checksum and send fails the target's check; the target asks
+    /// for it again.
+    Live,
+    /// The guest runs and these pages were just dirtied (later rounds): copy
+    /// each run into `scratch` first, so the checksum covers exactly the
+    /// bytes sent even if the guest writes again. Sent as `PAGES_LIVE`.
+    Snapshot(&'a mut Vec<u8>),
+    /// The guest is paused: send straight from guest memory as `PAGES`
+    /// (every frame must verify).
     Paused,
 }
 
@@ -554,16 +629,17 @@ fn send_pages<W: Write>(
         if !mem.in_range(gpa, len) {
             continue;
         }
-        let data: &[u8] = match &mut source {
-            Source::Running(scratch) => {
+        let (frame_kind, data): (u16, &[u8]) = match &mut source {
+            Source::Live => (kind::PAGES_LIVE, mem.slice(gpa, len as usize)),
+            Source::Snapshot(scratch) => {
                 scratch.clear();
                 scratch.extend_from_slice(mem.slice(gpa, len as usize));
-                scratch
+                (kind::PAGES_LIVE, scratch)
             }
-            Source::Paused => mem.slice(gpa, len as usize),
+            Source::Paused => (kind::PAGES, mem.slice(gpa, len as usize)),
         };
         PROTOCOL
-            .write_frame(w, kind::PAGES, &[&gpa.to_le_bytes(), data])
+            .write_frame(w, frame_kind, &[&gpa.to_le_bytes(), data])
             .map_err(frame_err("sending pages"))?;
         sent += count;
     }
@@ -571,19 +647,20 @@ fn send_pages<W: Write>(
 }
 
 /// Ends a pre-copy round and waits until the target has applied it, so no
-/// backlog sits in socket buffers when the guest is paused.
+/// backlog sits in socket buffers when the guest is paused. Returns the page
+/// runs the target asks to be sent again.
 fn end_round<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
     round: u32,
     pages: u64,
-) -> Result<(), MigrationError> {
+) -> Result<Vec<(u64, u64)>, MigrationError> {
     PROTOCOL
         .write_json(w, kind::ROUND_END, &RoundEnd { round, pages })
         .and_then(|()| w.flush().map_err(FrameError::from))
         .map_err(frame_err("ending a round"))?;
-    let _: RoundEnd = read_json(r, kind::ROUND_ACK).map_err(frame_err("reading ROUND_ACK"))?;
-    Ok(())
+    let ack: RoundAck = read_json(r, kind::ROUND_ACK).map_err(frame_err("reading ROUND_ACK"))?;
+    Ok(ack.resend)
 }
 
 fn read_json<R: Read, T: serde::de::DeserializeOwned>(
@@ -613,6 +690,19 @@ pub struct IncomingOptions {
     pub io_timeout: Duration,
     /// Name for the new VM (defaults to the source's).
     pub rename: Option<String>,
+    /// Guest memory prepared before the source connected (fresh from
+    /// [`GuestMemory::new`], typically already [`GuestMemory::populate`]d), as
+    /// a destination started with the guest's memory size would hold it. Used
+    /// when its size matches the source's; otherwise fresh memory is
+    /// allocated after HELLO. Must not be shared with a running VM.
+    pub memory: Option<Arc<GuestMemory>>,
+    /// Populate freshly allocated memory (MADV_POPULATE_WRITE) before
+    /// acknowledging HELLO, so incoming pages do not fault one by one. Off by
+    /// default: measured on 2 cores it was no faster than faulting pages as
+    /// they arrive, because allocating and clearing the pages costs the same
+    /// either way, only preparing memory ahead (`memory`) takes it out of the
+    /// migration.
+    pub populate: bool,
 }
 
 impl Default for IncomingOptions {
@@ -620,8 +710,33 @@ impl Default for IncomingOptions {
         Self {
             io_timeout: Duration::from_secs(30),
             rename: None,
+            memory: None,
+            populate: false,
         }
     }
+}
+
+/// Guest memory for an incoming VM: the prepared one when it fits, else
+/// fresh (and populated when asked).
+fn incoming_memory(
+    config: &VmConfig,
+    opts: &IncomingOptions,
+) -> Result<Arc<GuestMemory>, MigrationError> {
+    if let Some(mem) = &opts.memory {
+        if mem.size() == config.mem_bytes {
+            return Ok(Arc::clone(mem));
+        }
+        tracing::warn!(
+            prepared = mem.size(),
+            wanted = config.mem_bytes,
+            "prepared target memory has the wrong size; allocating fresh memory"
+        );
+    }
+    let mem = GuestMemory::new(&config.name, config.mem_bytes)?;
+    if opts.populate {
+        mem.populate()?;
+    }
+    Ok(Arc::new(mem))
 }
 
 /// Receives a migration on `stream`; returns the running VM once committed.
@@ -641,9 +756,9 @@ pub fn migrate_in(
     let setup = config
         .validate()
         .map_err(vm_err("validating the config"))
-        .and_then(|()| Ok(GuestMemory::new(&config.name, config.mem_bytes)?))
+        .and_then(|()| incoming_memory(&config, opts))
         .and_then(|mem| {
-            Vm::with_memory(config.clone(), Arc::new(mem)).map_err(vm_err("creating the target VM"))
+            Vm::with_memory(config.clone(), mem).map_err(vm_err("creating the target VM"))
         });
     let vm = match setup {
         Ok(vm) => vm,
@@ -675,13 +790,16 @@ pub fn migrate_in(
     let mem = Arc::clone(vm.memory());
     let mut bytes_received = 0u64;
     let mut pages_received = 0u64;
+    // Pages whose last frame failed its checksum (PAGES_LIVE only).
+    let mut unverified = vec![0u64; mem.pages().div_ceil(64) as usize];
+    let mut unverified_pages = 0u64;
     loop {
         let header = PROTOCOL
             .read_header(&mut r)
             .map_err(frame_err("reading a frame header"))?;
         bytes_received += wire::HEADER_LEN as u64 + u64::from(header.len);
         match header.kind {
-            kind::PAGES => {
+            kind::PAGES | kind::PAGES_LIVE => {
                 let len = u64::from(header.len);
                 if len < 8 || (len - 8) % PAGE_SIZE != 0 {
                     return Err(MigrationError::BadPages { gpa: 0, len });
@@ -698,16 +816,38 @@ pub fn migrate_in(
                     return Err(MigrationError::BadPages { gpa, len: data_len });
                 }
                 // The target vCPU has never run and is parked: writing its RAM
-                // directly is safe. A bad CRC aborts the whole migration, so
-                // unverified bytes are never executed.
+                // directly is safe. A bad CRC aborts the whole migration
+                // (PAGES) or marks the pages unverified until a later frame
+                // verifies (PAGES_LIVE); STATE is refused while any page is
+                // unverified, so unverified bytes are never executed.
                 let dst = mem.slice_mut(gpa, data_len as usize);
                 r.read_exact(dst).map_err(|e| MigrationError::Frame {
                     step: "reading pages",
                     source: e.into(),
                 })?;
-                wire::verify_crc(header.crc, &[&gpa_bytes, dst])
-                    .map_err(frame_err("verifying pages"))?;
-                pages_received += data_len / PAGE_SIZE;
+                let first = gpa / PAGE_SIZE;
+                let count = data_len / PAGE_SIZE;
+                let before = if unverified_pages == 0 {
+                    0
+                } else {
+                    count_bits(&unverified, first, count)
+                };
+                match wire::verify_crc(header.crc, &[&gpa_bytes, dst]) {
+                    Ok(()) => {
+                        if before > 0 {
+                            clear_run(&mut unverified, first, count);
+                            unverified_pages -= before;
+                        }
+                    }
+                    Err(e) if header.kind == kind::PAGES => {
+                        return Err(frame_err("verifying pages")(e));
+                    }
+                    Err(_) => {
+                        mark_runs(&mut unverified, &[(first, count)]);
+                        unverified_pages += count - before;
+                    }
+                }
+                pages_received += count;
             }
             kind::ROUND_END => {
                 let mut payload = vec![0u8; header.len as usize];
@@ -720,8 +860,18 @@ pub fn migrate_in(
                     .map_err(frame_err("verifying ROUND_END"))?;
                 let round: RoundEnd =
                     wire::decode_json(&payload).map_err(frame_err("decoding ROUND_END"))?;
+                let mut resend = Vec::new();
+                if unverified_pages > 0 {
+                    resend = dirty_runs(&unverified, u32::MAX);
+                    resend.truncate(MAX_RESEND_RUNS);
+                }
+                let ack = RoundAck {
+                    round: round.round,
+                    pages: round.pages,
+                    resend,
+                };
                 PROTOCOL
-                    .write_json(&mut w, kind::ROUND_ACK, &round)
+                    .write_json(&mut w, kind::ROUND_ACK, &ack)
                     .and_then(|()| w.flush().map_err(FrameError::from))
                     .map_err(frame_err("sending ROUND_ACK"))?;
             }
@@ -744,7 +894,13 @@ pub fn migrate_in(
                 wire::verify_crc(header.crc, &[&payload]).map_err(frame_err("verifying STATE"))?;
                 let state: FinalState =
                     wire::decode_json(&payload).map_err(frame_err("decoding STATE"))?;
-                let prepared = prepare(&vm, &mem, &state);
+                let prepared = if unverified_pages > 0 {
+                    Err(MigrationError::UnverifiedPages {
+                        pages: unverified_pages,
+                    })
+                } else {
+                    prepare(&vm, &mem, &state)
+                };
                 let ack = match &prepared {
                     Ok(()) => Ack {
                         ok: true,
@@ -797,7 +953,7 @@ pub fn migrate_in(
                 return Err(MigrationError::Frame {
                     step: "reading the stream",
                     source: FrameError::UnexpectedKind {
-                        expected: "PAGES, ROUND_END, STATE or ABORT".into(),
+                        expected: "PAGES, PAGES_LIVE, ROUND_END, STATE or ABORT".into(),
                         found: other,
                     },
                 });
@@ -835,5 +991,17 @@ mod tests {
         assert_eq!(dirty_runs(&bm, 2), vec![(0, 1), (5, 2), (7, 1), (127, 2)]);
         let full = full_bitmap(130);
         assert_eq!(dirty_runs(&full, 1000), vec![(0, 130)]);
+    }
+
+    #[test]
+    fn resend_runs_mark_and_clear() {
+        let mut bm = vec![0u64; 3];
+        assert_eq!(mark_runs(&mut bm, &[(62, 4), (190, 10)]), 14);
+        // Pages past the bitmap are ignored.
+        assert_eq!(dirty_runs(&bm, u32::MAX), vec![(62, 4), (190, 2)]);
+        assert_eq!(count_bits(&bm, 60, 8), 4);
+        clear_run(&mut bm, 63, 2);
+        assert_eq!(dirty_runs(&bm, u32::MAX), vec![(62, 1), (65, 1), (190, 2)]);
+        assert_eq!(count_bits(&bm, 0, 192), 4);
     }
 }

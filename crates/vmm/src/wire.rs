@@ -13,7 +13,7 @@
 //! Nothing in a payload is used before its length was checked against the
 //! cap and its CRC verified.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 
 /// Header length in bytes.
 pub const HEADER_LEN: usize = 16;
@@ -127,10 +127,17 @@ impl Protocol {
             hasher.update(p);
         }
         let header = self.header(kind, len, hasher.finalize())?;
-        w.write_all(&header)?;
-        for p in parts {
-            w.write_all(p)?;
-        }
+        // One vectored write for header and payload: a large payload does
+        // not leave the header behind as a separate small segment.
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
+        slices.push(IoSlice::new(&header));
+        slices.extend(
+            parts
+                .iter()
+                .filter(|p| !p.is_empty())
+                .map(|p| IoSlice::new(p)),
+        );
+        write_all_vectored(w, &mut slices)?;
         Ok(())
     }
 
@@ -160,6 +167,19 @@ impl Protocol {
         verify_crc(header.crc, &[&payload])?;
         Ok((header.kind, payload))
     }
+}
+
+/// Writes all of `slices`, retrying short and interrupted writes.
+fn write_all_vectored<W: Write>(w: &mut W, mut slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Checks that the CRC32 over `parts` equals `expected`.

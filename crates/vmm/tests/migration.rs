@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
@@ -41,6 +42,10 @@ fn check_guest_pattern(mem: &GuestMemory, counter: u32) {
 }
 
 fn migrate_at_rate(rate: u64) {
+    migrate_with(rate, IncomingOptions::default());
+}
+
+fn migrate_with(rate: u64, in_opts: IncomingOptions) {
     let src = Vm::boot(VmConfig::new(format!("src-{rate}"), 32, rate)).unwrap();
     src.wait_until(WAIT, |s| s.ready && s.counter >= 20)
         .unwrap();
@@ -49,7 +54,7 @@ fn migrate_at_rate(rate: u64) {
     let addr = listener.local_addr().unwrap();
     let target = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        migrate_in(stream, &IncomingOptions::default())
+        migrate_in(stream, &in_opts)
     });
     let opts = MigrateOptions {
         verify_checksum: true,
@@ -105,6 +110,36 @@ fn migrates_heavily_dirtying_guest() {
     migrate_at_rate(500_000_000);
 }
 
+/// Target memory allocated and populated before the source connects.
+fn prepared_memory(mib: u64) -> Arc<GuestMemory> {
+    let mem = GuestMemory::new("prepared", mib << 20).unwrap();
+    mem.populate().unwrap();
+    Arc::new(mem)
+}
+
+#[test]
+fn migrates_into_prepared_memory() {
+    migrate_with(
+        50_000_000,
+        IncomingOptions {
+            memory: Some(prepared_memory(32)),
+            ..IncomingOptions::default()
+        },
+    );
+}
+
+#[test]
+fn migrates_into_populated_memory_and_ignores_prepared_memory_of_another_size() {
+    migrate_with(
+        500_000_000,
+        IncomingOptions {
+            memory: Some(prepared_memory(16)),
+            populate: true,
+            ..IncomingOptions::default()
+        },
+    );
+}
+
 #[test]
 fn source_resumes_when_target_drops_before_commit() {
     let src = Vm::boot(VmConfig::new("drop", 16, 20_000_000)).unwrap();
@@ -121,7 +156,12 @@ fn source_resumes_when_target_drops_before_commit() {
             .write_frame(&mut s, kind::HELLO_ACK, &[br#"{"ok":true,"error":null}"#])
             .unwrap();
         loop {
-            let (k, payload) = PROTOCOL.read_frame(&mut s).unwrap();
+            // Read frames without checking them: a PAGES_LIVE frame of the
+            // running guest may legitimately fail its checksum.
+            let header = PROTOCOL.read_header(&mut s).unwrap();
+            let mut payload = vec![0u8; header.len as usize];
+            std::io::Read::read_exact(&mut s, &mut payload).unwrap();
+            let k = header.kind;
             if k == kind::ROUND_END {
                 PROTOCOL
                     .write_frame(&mut s, kind::ROUND_ACK, &[&payload])
@@ -259,4 +299,88 @@ fn corrupted_and_oversized_frames_are_rejected() {
     let err = incoming_error(bytes);
     assert!(matches!(err, MigrationError::Frame { .. }), "{err}");
     let _ = migration::dirty_runs(&[], 1);
+}
+
+/// A fake source: HELLO, one `PAGES_LIVE` frame whose checksum does not
+/// match (a page the guest rewrote mid-send), ROUND_END, then optionally a
+/// verified resend of that page, then STATE. Returns the ROUND_ACK's resend
+/// list, the PREPARED reply and the target's result.
+fn torn_page_session(
+    resend: bool,
+) -> (
+    serde_json::Value,
+    serde_json::Value,
+    Result<(Vm, waterbear_vmm::IncomingReport), MigrationError>,
+) {
+    let donor = Vm::boot(VmConfig::new("torn-donor", 16, 0)).unwrap();
+    donor.wait_until(WAIT, |s| s.ready).unwrap();
+    donor.pause().unwrap();
+    let vcpu = donor.save_vcpu_state().unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        migrate_in(stream, &IncomingOptions::default())
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&hello(16)).unwrap();
+    let (k, _) = PROTOCOL.read_frame(&mut s).unwrap();
+    assert_eq!(k, kind::HELLO_ACK);
+
+    let gpa = 0x20000u64;
+    let page = vec![0xabu8; PAGE_SIZE as usize];
+    let mut frame = Vec::new();
+    PROTOCOL
+        .write_frame(&mut frame, kind::PAGES_LIVE, &[&gpa.to_le_bytes(), &page])
+        .unwrap();
+    let n = frame.len();
+    frame[n - 1] ^= 0xff;
+    s.write_all(&frame).unwrap();
+    PROTOCOL
+        .write_json(
+            &mut s,
+            kind::ROUND_END,
+            &serde_json::json!({ "round": 0, "pages": 1 }),
+        )
+        .unwrap();
+    let (k, payload) = PROTOCOL.read_frame(&mut s).unwrap();
+    assert_eq!(k, kind::ROUND_ACK);
+    let ack: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+
+    if resend {
+        PROTOCOL
+            .write_frame(&mut s, kind::PAGES, &[&gpa.to_le_bytes(), &page])
+            .unwrap();
+    }
+    let state = serde_json::json!({ "vcpu": vcpu, "pages_per_tick": 0, "checksum": null });
+    PROTOCOL.write_json(&mut s, kind::STATE, &state).unwrap();
+    let (k, payload) = PROTOCOL.read_frame(&mut s).unwrap();
+    assert_eq!(k, kind::PREPARED);
+    let prepared: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    // Never commit: the target must discard the VM unrun.
+    drop(s);
+    (ack["resend"].clone(), prepared, target.join().unwrap())
+}
+
+#[test]
+fn torn_live_pages_are_resent_and_never_run_unverified() {
+    // Not resent: listed in ROUND_ACK, and STATE is refused.
+    let (resend, prepared, res) = torn_page_session(false);
+    assert_eq!(resend, serde_json::json!([[0x20, 1]]));
+    assert_eq!(prepared["ok"], false, "{prepared}");
+    assert!(
+        matches!(res, Err(MigrationError::UnverifiedPages { pages: 1 })),
+        "{res:?}"
+    );
+
+    // Resent with a matching checksum: STATE is accepted (and without a
+    // COMMIT the VM is still discarded).
+    let (resend, prepared, res) = torn_page_session(true);
+    assert_eq!(resend, serde_json::json!([[0x20, 1]]));
+    assert_eq!(prepared["ok"], true, "{prepared}");
+    assert!(
+        matches!(res, Err(MigrationError::NotCommitted(_))),
+        "{res:?}"
+    );
 }
