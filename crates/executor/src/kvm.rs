@@ -291,6 +291,30 @@ impl KvmBackend {
                             detail: format!("it already has a VM named {vm}"),
                         });
                     }
+                    // The target allocates and maps the guest's memory now, so
+                    // the migration does not pay for it (idempotent on retry).
+                    if let Some(info) = self.lists(src, vm)? {
+                        let req = fenced(
+                            op,
+                            Request::PrepareIncoming {
+                                name: vm.to_owned(),
+                                mem_bytes: info.mem_bytes,
+                            },
+                        );
+                        match self.client(&addr)?.call(&req) {
+                            Ok(Response::Prepared { .. }) => {}
+                            Ok(other) => {
+                                return Err(unexpected(&addr, "preparing the target", &other));
+                            }
+                            Err(e) => {
+                                return Err(BackendError::Agent {
+                                    addr,
+                                    step: "preparing the target",
+                                    detail: e.to_string(),
+                                });
+                            }
+                        }
+                    }
                     op.step(Step::TargetPrepared { vm: vm.to_owned() })?;
                 }
                 VmPhase::Prepared { .. } => {

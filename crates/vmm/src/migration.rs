@@ -24,6 +24,7 @@
 //! leaves the source fenced ([`MigrationError::CommitUncertain`]): losing
 //! availability is preferred to running twice.
 
+use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
@@ -703,6 +704,10 @@ pub struct IncomingOptions {
     /// either way, only preparing memory ahead (`memory`) takes it out of the
     /// migration.
     pub populate: bool,
+    /// Memory prepared ahead for VMs expected by name (a host agent's
+    /// `PrepareIncoming`); used like `memory` when the incoming VM's name
+    /// matches and the size fits.
+    pub prepared: BTreeMap<String, Arc<GuestMemory>>,
 }
 
 impl Default for IncomingOptions {
@@ -712,6 +717,7 @@ impl Default for IncomingOptions {
             rename: None,
             memory: None,
             populate: false,
+            prepared: BTreeMap::new(),
         }
     }
 }
@@ -722,7 +728,7 @@ fn incoming_memory(
     config: &VmConfig,
     opts: &IncomingOptions,
 ) -> Result<Arc<GuestMemory>, MigrationError> {
-    if let Some(mem) = &opts.memory {
+    if let Some(mem) = opts.memory.as_ref().or(opts.prepared.get(&config.name)) {
         if mem.size() == config.mem_bytes {
             return Ok(Arc::clone(mem));
         }

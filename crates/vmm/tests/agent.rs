@@ -253,6 +253,53 @@ fn migration_between_two_agents() {
 }
 
 #[test]
+fn migration_into_memory_the_target_prepared() {
+    let a = AgentProc::spawn();
+    let b = AgentProc::spawn();
+    let mut ca = a.client();
+    let mut cb = b.client();
+    let info = start(&mut ca, "prep", 32, 10_000_000);
+    let prepare = Request::PrepareIncoming {
+        name: "prep".into(),
+        mem_bytes: info.mem_bytes,
+    };
+    let Response::Prepared { reused, .. } = cb.call(&prepare).unwrap() else {
+        panic!()
+    };
+    assert!(!reused, "first prepare allocates");
+    let Response::Prepared { reused, .. } = cb.call(&prepare).unwrap() else {
+        panic!()
+    };
+    assert!(reused, "a repeated prepare (an executor retry) reuses it");
+    let before = wait_vm(&mut ca, "prep", |v| v.ready && v.counter > 20);
+    let Response::Migrated { report } = ca
+        .call(&Request::MigrateOut {
+            name: "prep".into(),
+            to: b.addr.to_string(),
+            options: MigrateOptions {
+                verify_checksum: true,
+                ..MigrateOptions::default()
+            },
+        })
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(report.checksum.is_some());
+    assert!(report.counter_at_pause >= before.counter);
+    let on_b = wait_vm(&mut cb, "prep", |v| {
+        v.counter > report.counter_at_pause + 10
+    });
+    assert_eq!(on_b.state, RunState::Running);
+    // the migrated VM took the prepared memory out of the pool: preparing the
+    // same name again allocates anew
+    let Response::Prepared { reused, .. } = cb.call(&prepare).unwrap() else {
+        panic!()
+    };
+    assert!(!reused, "the migration consumed the prepared memory");
+}
+
+#[test]
 fn phase3_memory_preserving_restart() {
     let agent = AgentProc::spawn();
     let mut c = agent.client();
