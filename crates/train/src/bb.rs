@@ -378,8 +378,13 @@ impl FeatureTable {
 /// Runs [`feature_pipeline`] over the loaded data.
 pub fn build_features(data: &BbData, p: &FeatureParams) -> Result<FeatureTable, TrainError> {
     let mut frame = data.frame.clone();
+    // The frame is sorted by drive, so the key is ascending: flagging it lets
+    // polars form the window groups as contiguous slices instead of hashing.
+    let mut key = Series::new(DRIVE_KEY.into(), data.drive.as_slice());
+    debug_assert!(data.drive.windows(2).all(|w| w[0] <= w[1]));
+    key.set_sorted_flag(polars::series::IsSorted::Ascending);
     frame
-        .with_column(Column::new(DRIVE_KEY.into(), data.drive.as_slice()))
+        .with_column(key.into_column())
         .map_err(pe("drive column"))?;
     let df = feature_pipeline(frame.lazy(), p)?
         .collect()
