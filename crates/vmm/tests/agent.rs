@@ -221,18 +221,18 @@ fn corrupt_and_oversized_requests_get_typed_errors() {
     };
 }
 
-#[test]
-fn migration_between_two_agents() {
-    let a = AgentProc::spawn();
-    let b = AgentProc::spawn();
-    let mut ca = a.client();
-    let mut cb = b.client();
-    start(&mut ca, "mig", 32, 50_000_000);
-    let before = wait_vm(&mut ca, "mig", |v| v.ready && v.counter > 20);
+/// Migrates `name` (once it runs) to the agent at `to` with the memory CRC
+/// verified; checks the report and returns it.
+fn migrate_checked(
+    ca: &mut AgentClient,
+    name: &str,
+    to: SocketAddr,
+) -> waterbear_vmm::MigrationReport {
+    let before = wait_vm(ca, name, |v| v.ready && v.counter > 20);
     let Response::Migrated { report } = ca
         .call(&Request::MigrateOut {
-            name: "mig".into(),
-            to: b.addr.to_string(),
+            name: name.into(),
+            to: to.to_string(),
             options: MigrateOptions {
                 verify_checksum: true,
                 ..MigrateOptions::default()
@@ -244,6 +244,17 @@ fn migration_between_two_agents() {
     };
     assert!(report.checksum.is_some());
     assert!(report.counter_at_pause >= before.counter);
+    report
+}
+
+#[test]
+fn migration_between_two_agents() {
+    let a = AgentProc::spawn();
+    let b = AgentProc::spawn();
+    let mut ca = a.client();
+    let mut cb = b.client();
+    start(&mut ca, "mig", 32, 50_000_000);
+    let report = migrate_checked(&mut ca, "mig", b.addr);
     assert!(
         ca.list().unwrap().is_empty(),
         "source agent must drop the VM"
@@ -271,22 +282,7 @@ fn migration_into_memory_the_target_prepared() {
         panic!()
     };
     assert!(reused, "a repeated prepare (an executor retry) reuses it");
-    let before = wait_vm(&mut ca, "prep", |v| v.ready && v.counter > 20);
-    let Response::Migrated { report } = ca
-        .call(&Request::MigrateOut {
-            name: "prep".into(),
-            to: b.addr.to_string(),
-            options: MigrateOptions {
-                verify_checksum: true,
-                ..MigrateOptions::default()
-            },
-        })
-        .unwrap()
-    else {
-        panic!()
-    };
-    assert!(report.checksum.is_some());
-    assert!(report.counter_at_pause >= before.counter);
+    let report = migrate_checked(&mut ca, "prep", b.addr);
     let on_b = wait_vm(&mut cb, "prep", |v| {
         v.counter > report.counter_at_pause + 10
     });
