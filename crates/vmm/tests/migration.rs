@@ -19,6 +19,23 @@ const WAIT: Duration = Duration::from_secs(20);
 /// Every region page must hold what the guest program writes there: either
 /// the prefill pattern (own address, marker) or a tick's pattern (a counter
 /// value not above the current one, own address).
+
+/// A target thread receiving one migration on a fresh loopback port.
+fn spawn_target(
+    opts: IncomingOptions,
+) -> (
+    std::net::SocketAddr,
+    thread::JoinHandle<Result<(Vm, waterbear_vmm::IncomingReport), MigrationError>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        migrate_in(stream, &opts)
+    });
+    (addr, target)
+}
+
 fn check_guest_pattern(mem: &GuestMemory, counter: u32) {
     let end = mem.read_u32(guest::CFG_GPA + guest::CFG_REGION_END) as u64;
     let mut gpa = guest::REGION_START;
@@ -50,12 +67,7 @@ fn migrate_with(rate: u64, in_opts: IncomingOptions) {
     src.wait_until(WAIT, |s| s.ready && s.counter >= 20)
         .unwrap();
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let target = thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        migrate_in(stream, &in_opts)
-    });
+    let (addr, target) = spawn_target(in_opts);
     let opts = MigrateOptions {
         verify_checksum: true,
         ..MigrateOptions::default()
@@ -191,12 +203,7 @@ fn source_resumes_when_target_drops_before_commit() {
 }
 
 fn incoming_error(bytes: Vec<u8>) -> MigrationError {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let target = thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        migrate_in(stream, &IncomingOptions::default())
-    });
+    let (addr, target) = spawn_target(IncomingOptions::default());
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(&bytes).unwrap();
     let _ = s.shutdown(std::net::Shutdown::Write);
@@ -317,12 +324,7 @@ fn torn_page_session(
     donor.pause().unwrap();
     let vcpu = donor.save_vcpu_state().unwrap();
 
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let target = thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
-        migrate_in(stream, &IncomingOptions::default())
-    });
+    let (addr, target) = spawn_target(IncomingOptions::default());
     let mut s = TcpStream::connect(addr).unwrap();
     s.write_all(&hello(16)).unwrap();
     let (k, _) = PROTOCOL.read_frame(&mut s).unwrap();
