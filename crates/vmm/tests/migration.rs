@@ -16,17 +16,11 @@ use waterbear_vmm::{
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// Every region page must hold what the guest program writes there: either
-/// the prefill pattern (own address, marker) or a tick's pattern (a counter
-/// value not above the current one, own address).
+/// What a target thread returns.
+type TargetThread = thread::JoinHandle<Result<(Vm, waterbear_vmm::IncomingReport), MigrationError>>;
 
 /// A target thread receiving one migration on a fresh loopback port.
-fn spawn_target(
-    opts: IncomingOptions,
-) -> (
-    std::net::SocketAddr,
-    thread::JoinHandle<Result<(Vm, waterbear_vmm::IncomingReport), MigrationError>>,
-) {
+fn spawn_target(opts: IncomingOptions) -> (std::net::SocketAddr, TargetThread) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let target = thread::spawn(move || {
@@ -36,6 +30,9 @@ fn spawn_target(
     (addr, target)
 }
 
+/// Every region page must hold what the guest program writes there: either
+/// the prefill pattern (own address, marker) or a tick's pattern (a counter
+/// value not above the current one, own address).
 fn check_guest_pattern(mem: &GuestMemory, counter: u32) {
     let end = mem.read_u32(guest::CFG_GPA + guest::CFG_REGION_END) as u64;
     let mut gpa = guest::REGION_START;
