@@ -96,6 +96,7 @@ fn archive_survives_sigkill_with_every_record_exactly_once() {
     let mut rng = rand::thread_rng();
     let mut job = spawn_job(&cfg, "a0", &log);
     for i in 0..4 {
+        // a random kill point while the feeder streams (not a wait for a condition)
         let ms = rng.gen_range(600..2000);
         std::thread::sleep(Duration::from_millis(ms));
         sigkill(&mut job);
