@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use waterbear_features::{FeatureParams, FeatureVector, HostState};
 use waterbear_models::{BaselineConfig, Detector, Reason, RuleBaseline, Signature};
 use waterbear_stream::{Output, Record, Topic, Transform};
-use waterbear_telemetry::{HostRecord, ValidationError, decode};
+use waterbear_telemetry::{HostRecord, LastAccepted, ValidationError, check_host, decode};
 
 use crate::DLQ_KIND_HEADER;
 
@@ -41,60 +41,6 @@ pub struct ScoreRecord {
     pub reasons: Vec<Reason>,
     /// Detector name@version.
     pub model: String,
-}
-
-/// The validator's memory of a host's last accepted record (the stateful
-/// checks of `waterbear_telemetry::Validator`, kept per host so it can be
-/// persisted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LastAccepted {
-    /// Timestamp, ms.
-    pub ts_ms: i64,
-    /// Cumulative counters in `HostRecord::counters` order.
-    pub counters: [u64; 7],
-}
-
-/// Same checks, same errors as `Validator::check`.
-pub fn check_record(
-    rec: &HostRecord,
-    last: Option<&LastAccepted>,
-    now_ms: Option<i64>,
-    max_future_skew_ms: i64,
-) -> Result<LastAccepted, ValidationError> {
-    rec.check()?;
-    if let Some(now_ms) = now_ms {
-        let ahead_ms = rec.ts_ms.saturating_sub(now_ms);
-        if ahead_ms > max_future_skew_ms {
-            return Err(ValidationError::FutureTimestamp {
-                ts_ms: rec.ts_ms,
-                now_ms,
-                ahead_ms,
-                max_skew_ms: max_future_skew_ms,
-            });
-        }
-    }
-    let counters = rec.counters();
-    if let Some(last) = last {
-        if rec.ts_ms <= last.ts_ms {
-            return Err(ValidationError::OutOfOrder {
-                ts_ms: rec.ts_ms,
-                previous_ts_ms: last.ts_ms,
-            });
-        }
-        for (i, (name, value)) in counters.iter().enumerate() {
-            if *value < last.counters[i] {
-                return Err(ValidationError::CounterWentBackwards {
-                    field: (*name).to_owned(),
-                    previous: last.counters[i],
-                    current: *value,
-                });
-            }
-        }
-    }
-    Ok(LastAccepted {
-        ts_ms: rec.ts_ms,
-        counters: counters.map(|(_, v)| v),
-    })
 }
 
 /// Persisted per host (state topic, key = host id).
@@ -161,7 +107,7 @@ impl Scorer {
         now_ms: Option<i64>,
     ) -> Result<ScoreRecord, ValidationError> {
         let slot = self.hosts.get(rec.host_id.as_bytes());
-        let last = check_record(
+        let last = check_host(
             rec,
             slot.and_then(|s| s.snap.last.as_ref()),
             now_ms,

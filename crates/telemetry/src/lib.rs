@@ -37,5 +37,5 @@ mod wire;
 pub use arrow::arrow_schema;
 pub use error::ValidationError;
 pub use record::{CRITICAL_SMART, HostRecord, VmInfo};
-pub use validate::{Limits, Validator};
+pub use validate::{LastAccepted, Limits, Validator, check_host};
 pub use wire::{JSON_SCHEMA_V1, MAX_RECORD_BYTES, WIRE_VERSION, decode, encode, encode_to_vec};

@@ -1,5 +1,7 @@
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::ValidationError;
 use crate::record::HostRecord;
 
@@ -18,10 +20,60 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Last {
-    ts_ms: i64,
-    counters: [u64; 7],
+/// A host's last accepted record, as far as the stateful checks need it. Plain
+/// serde data, so a streaming job can persist it per host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastAccepted {
+    /// Timestamp, ms.
+    pub ts_ms: i64,
+    /// Cumulative counters in [`HostRecord::counters`] order.
+    pub counters: [u64; 7],
+}
+
+/// The checks of [`Validator::check`] for one host, with its state passed in:
+/// the static checks, a timestamp too far ahead of `now_ms` (skipped when `None`),
+/// a timestamp that does not advance past `last`, counters going backwards.
+/// Returns what to remember for the host on success.
+pub fn check_host(
+    rec: &HostRecord,
+    last: Option<&LastAccepted>,
+    now_ms: Option<i64>,
+    max_future_skew_ms: i64,
+) -> Result<LastAccepted, ValidationError> {
+    rec.check()?;
+    if let Some(now_ms) = now_ms {
+        let ahead_ms = rec.ts_ms.saturating_sub(now_ms);
+        if ahead_ms > max_future_skew_ms {
+            return Err(ValidationError::FutureTimestamp {
+                ts_ms: rec.ts_ms,
+                now_ms,
+                ahead_ms,
+                max_skew_ms: max_future_skew_ms,
+            });
+        }
+    }
+    let counters = rec.counters();
+    if let Some(last) = last {
+        if rec.ts_ms <= last.ts_ms {
+            return Err(ValidationError::OutOfOrder {
+                ts_ms: rec.ts_ms,
+                previous_ts_ms: last.ts_ms,
+            });
+        }
+        for (i, (name, value)) in counters.iter().enumerate() {
+            if *value < last.counters[i] {
+                return Err(ValidationError::CounterWentBackwards {
+                    field: (*name).to_owned(),
+                    previous: last.counters[i],
+                    current: *value,
+                });
+            }
+        }
+    }
+    Ok(LastAccepted {
+        ts_ms: rec.ts_ms,
+        counters: counters.map(|(_, v)| v),
+    })
 }
 
 /// Checks that need the host's previous accepted record: timestamps too far in the
@@ -32,7 +84,7 @@ struct Last {
 #[derive(Debug, Default, Clone)]
 pub struct Validator {
     limits: Limits,
-    last: HashMap<String, Last>,
+    last: HashMap<String, LastAccepted>,
 }
 
 impl Validator {
@@ -47,38 +99,12 @@ impl Validator {
     /// Runs the static checks ([`HostRecord::check`]) and the stateful ones; on success
     /// remembers this record as the host's latest.
     pub fn check(&mut self, rec: &HostRecord, now_ms: i64) -> Result<(), ValidationError> {
-        rec.check()?;
-        let ahead_ms = rec.ts_ms.saturating_sub(now_ms);
-        if ahead_ms > self.limits.max_future_skew_ms {
-            return Err(ValidationError::FutureTimestamp {
-                ts_ms: rec.ts_ms,
-                now_ms,
-                ahead_ms,
-                max_skew_ms: self.limits.max_future_skew_ms,
-            });
-        }
-        let counters = rec.counters();
-        if let Some(last) = self.last.get(rec.host_id.as_str()) {
-            if rec.ts_ms <= last.ts_ms {
-                return Err(ValidationError::OutOfOrder {
-                    ts_ms: rec.ts_ms,
-                    previous_ts_ms: last.ts_ms,
-                });
-            }
-            for (i, (name, value)) in counters.iter().enumerate() {
-                if *value < last.counters[i] {
-                    return Err(ValidationError::CounterWentBackwards {
-                        field: (*name).to_owned(),
-                        previous: last.counters[i],
-                        current: *value,
-                    });
-                }
-            }
-        }
-        let snapshot = Last {
-            ts_ms: rec.ts_ms,
-            counters: counters.map(|(_, v)| v),
-        };
+        let snapshot = check_host(
+            rec,
+            self.last.get(rec.host_id.as_str()),
+            Some(now_ms),
+            self.limits.max_future_skew_ms,
+        )?;
         match self.last.get_mut(rec.host_id.as_str()) {
             Some(slot) => *slot = snapshot,
             None => {
