@@ -313,6 +313,27 @@ impl TxnFeeder {
     }
 }
 
+impl TxnFeeder {
+    /// Sends `input` on a thread, one transaction of `chunk` records at a
+    /// time with `pause` between them (a steady stream while the test kills
+    /// or restarts things); join the handle to know everything was sent.
+    pub fn stream_in_background(
+        mut self,
+        topic: &str,
+        input: Vec<(Vec<u8>, Vec<u8>)>,
+        chunk: usize,
+        pause: Duration,
+    ) -> std::thread::JoinHandle<()> {
+        let topic = topic.to_string();
+        std::thread::spawn(move || {
+            for c in input.chunks(chunk) {
+                self.send_chunk(&topic, c);
+                std::thread::sleep(pause);
+            }
+        })
+    }
+}
+
 pub fn sigterm_and_wait(job: &mut JobProc, deadline: Duration) -> std::process::ExitStatus {
     // SAFETY: plain kill(2) on a child pid we own.
     unsafe {

@@ -42,14 +42,12 @@ fn broker_restart_mid_stream_loses_nothing() {
     let mut c = Collector::new(&names.alerts, parts);
     c.wait_for(n / 4, Duration::from_secs(60), "before restart");
     // Keep producing while the broker goes down and comes back.
-    let tel = names.telemetry.clone();
-    let second = second.to_vec();
-    let feeder = std::thread::spawn(move || {
-        for chunk in second.chunks(250) {
-            feeder.send_chunk(&tel, chunk);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let feeder = feeder.stream_in_background(
+        &names.telemetry,
+        second.to_vec(),
+        250,
+        Duration::from_millis(20),
+    );
     let t0 = Instant::now();
     let st = Command::new(&script)
         .arg("restart")

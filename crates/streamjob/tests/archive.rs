@@ -86,13 +86,8 @@ fn archive_survives_sigkill_with_every_record_exactly_once() {
     {
         input.insert(100 + i * 997, (b"h-bad".to_vec(), bad.to_vec()));
     }
-    let feeder = std::thread::spawn(move || {
-        let mut f = TxnFeeder::new(&fid);
-        for chunk in input.chunks(400) {
-            f.send_chunk(&tel, chunk);
-            std::thread::sleep(Duration::from_millis(80));
-        }
-    });
+    let feeder =
+        TxnFeeder::new(&fid).stream_in_background(&tel, input, 400, Duration::from_millis(80));
     let mut rng = rand::thread_rng();
     let mut job = spawn_job(&cfg, "a0", &log);
     for i in 0..4 {

@@ -44,14 +44,12 @@ fn broker_restart_mid_stream_loses_nothing() {
         Duration::from_secs(60),
         "scores before restart",
     );
-    let tel = names.telemetry.clone();
-    let second = second.to_vec();
-    let feeder = std::thread::spawn(move || {
-        for chunk in second.chunks(500) {
-            feeder.send_chunk(&tel, chunk);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    let feeder = feeder.stream_in_background(
+        &names.telemetry,
+        second.to_vec(),
+        500,
+        Duration::from_millis(20),
+    );
     let t0 = Instant::now();
     let st = Command::new(&script)
         .arg("restart")

@@ -80,13 +80,8 @@ fn sigkill_and_restart_loses_and_duplicates_nothing() {
     let tel = names.telemetry.clone();
     let fid = format!("feed-{}", names.id);
     let input = wire(&recs);
-    let feeder = std::thread::spawn(move || {
-        let mut f = TxnFeeder::new(&fid);
-        for chunk in input.chunks(500) {
-            f.send_chunk(&tel, chunk);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let feeder =
+        TxnFeeder::new(&fid).stream_in_background(&tel, input, 500, Duration::from_millis(100));
     let mut rng = rand::thread_rng();
     let mut alerts = Collector::new(&names.alerts, 1);
     let mut job = spawn_job(&cfg, "k0", &log);
@@ -297,13 +292,8 @@ fn survivor_takes_over_from_a_killed_instance() {
     let tel = names.telemetry.clone();
     let fid = format!("feed-{}", names.id);
     let input = wire(&recs);
-    let feeder = std::thread::spawn(move || {
-        let mut f = TxnFeeder::new(&fid);
-        for chunk in input.chunks(1000) {
-            f.send_chunk(&tel, chunk);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    });
+    let feeder =
+        TxnFeeder::new(&fid).stream_in_background(&tel, input, 1000, Duration::from_millis(100));
     let mut alerts = Collector::new(&names.alerts, parts);
     let mut a = spawn_job(&cfg, "a", &log);
     let mut b = spawn_job(&cfg, "b", &log);
