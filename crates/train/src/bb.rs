@@ -187,6 +187,15 @@ fn over(e: Expr) -> Result<Expr, TrainError> {
     e.over([col(DRIVE_KEY)]).map_err(pe("window expression"))
 }
 
+/// Per critical SMART attribute ([`CRIT`] order): its (level, delta, rise in the
+/// window, hours since the last rise) features, as [`SMART_FEATURES`] lists them.
+fn smart_groups() -> Vec<(Feature, Feature, Feature, Feature)> {
+    SMART_FEATURES[..4 * CRIT.len()]
+        .chunks_exact(4)
+        .map(|g| (g[0], g[1], g[2], g[3]))
+        .collect()
+}
+
 /// The polars pipeline computing [`SMART_FEATURES`] per drive, with the definitions of
 /// `waterbear_features` (`ts_ms = day * 86_400_000`).
 ///
@@ -215,38 +224,7 @@ pub fn feature_pipeline(lf: LazyFrame, p: &FeatureParams) -> Result<LazyFrame, T
             .alias("_ts_h"),
     );
 
-    let groups = [
-        (
-            Feature::Smart5,
-            Feature::Smart5Delta,
-            Feature::Smart5RiseW,
-            Feature::Smart5HoursSinceRise,
-        ),
-        (
-            Feature::Smart187,
-            Feature::Smart187Delta,
-            Feature::Smart187RiseW,
-            Feature::Smart187HoursSinceRise,
-        ),
-        (
-            Feature::Smart188,
-            Feature::Smart188Delta,
-            Feature::Smart188RiseW,
-            Feature::Smart188HoursSinceRise,
-        ),
-        (
-            Feature::Smart197,
-            Feature::Smart197Delta,
-            Feature::Smart197RiseW,
-            Feature::Smart197HoursSinceRise,
-        ),
-        (
-            Feature::Smart198,
-            Feature::Smart198Delta,
-            Feature::Smart198RiseW,
-            Feature::Smart198HoursSinceRise,
-        ),
-    ];
+    let groups = smart_groups();
     let mut first = Vec::new();
     for (k, (level, delta, _, _)) in groups.iter().enumerate() {
         let c = col(CRIT[k]).cast(DataType::Float64);
@@ -644,4 +622,23 @@ pub fn drive_maxima(
         .map(|k| best[k])
         .collect();
     (healthy, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smart_groups_follow_the_crit_columns() {
+        let g = smart_groups();
+        assert_eq!(g.len(), CRIT.len());
+        for (k, (level, delta, rise, since)) in g.iter().enumerate() {
+            // CRIT[k] is "smart_<n>_raw"; its features are "smart_<n>", "smart_<n>_delta", ...
+            let base = CRIT[k].trim_end_matches("_raw");
+            assert_eq!(level.name(), base);
+            assert_eq!(delta.name(), format!("{base}_delta"));
+            assert_eq!(rise.name(), format!("{base}_rise_w"));
+            assert_eq!(since.name(), format!("{base}_hours_since_rise"));
+        }
+    }
 }
