@@ -422,16 +422,21 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn executes_each_decision_once() {
-        let fleet = Fleet::new(
+    /// A simulated fleet of `hosts` hosts with the default settings.
+    fn sim_fleet(hosts: usize) -> Fleet {
+        Fleet::new(
             SimConfig {
-                hosts: 20,
+                hosts,
                 ..SimConfig::default()
             }
             .check()
             .unwrap(),
-        );
+        )
+    }
+
+    #[test]
+    fn executes_each_decision_once() {
+        let fleet = sim_fleet(20);
         let vms = fleet.host("host-00003").unwrap().vms as u32;
         let mut exec = Executor::new(SimBackend::new(fleet));
         let d = decision("host-00003", Action::LiveMigrate, "d1");
@@ -481,14 +486,7 @@ pub(crate) mod tests {
 
     #[test]
     fn honours_targets_and_never_executes_shadow_decisions() {
-        let fleet = Fleet::new(
-            SimConfig {
-                hosts: 20,
-                ..SimConfig::default()
-            }
-            .check()
-            .unwrap(),
-        );
+        let fleet = sim_fleet(20);
         let mut exec = Executor::new(SimBackend::new(fleet));
         let mut d = decision("host-00003", Action::LiveMigrate, "d1");
         d.targets = vec![waterbear_policy::Target {
@@ -508,14 +506,7 @@ pub(crate) mod tests {
 
     #[test]
     fn reboot_interrupts_and_phase3_freezes() {
-        let fleet = Fleet::new(
-            SimConfig {
-                hosts: 5,
-                ..SimConfig::default()
-            }
-            .check()
-            .unwrap(),
-        );
+        let fleet = sim_fleet(5);
         let vms = fleet.host("host-00001").unwrap().vms as u32;
         let mut exec = Executor::new(SimBackend::new(fleet));
         let r = exec.execute(&decision("host-00001", Action::Reboot, "a"), &|_| true);
