@@ -409,6 +409,21 @@ impl Policy {
         }
     }
 
+    /// The state as [`Policy::snapshot`] serialises it, without copying it first
+    /// (what a job persisting the state after every transaction wants); it
+    /// deserialises as a [`PolicySnapshot`].
+    pub fn snapshot_view(&self) -> impl Serialize + '_ {
+        #[derive(Serialize)]
+        struct View<'a> {
+            version: u32,
+            state: &'a State,
+        }
+        View {
+            version: SNAPSHOT_VERSION,
+            state: &self.st,
+        }
+    }
+
     /// A policy that continues exactly where the one that took `snap` was.
     pub fn from_snapshot(
         params: PolicyParams,

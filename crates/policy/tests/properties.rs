@@ -140,7 +140,8 @@ fn run_cut(
     let mut n_cmd = 0;
     for (i, e) in evs.iter().enumerate() {
         if cut == Some(i) {
-            let text = serde_json::to_string(&r.policy.snapshot()).unwrap();
+            let text = serde_json::to_string(&r.policy.snapshot_view()).unwrap();
+            assert_eq!(text, serde_json::to_string(&r.policy.snapshot()).unwrap());
             let snap: PolicySnapshot = serde_json::from_str(&text).unwrap();
             r.policy = Policy::from_snapshot(r.policy.params().clone(), snap).unwrap();
         }

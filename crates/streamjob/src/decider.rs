@@ -143,11 +143,18 @@ impl Transform for Decider {
     }
 
     fn state(&self, key: &[u8]) -> Option<Vec<u8>> {
+        // Written as `ClusterState`, from borrowed parts (no copy of the policy).
+        #[derive(Serialize)]
+        struct View<'a, P: Serialize> {
+            version: u32,
+            hosts: &'a [String],
+            policy: P,
+        }
         self.clusters.get(key).map(|c| {
-            let st = ClusterState {
+            let st = View {
                 version: STATE_VERSION,
-                hosts: c.hosts.clone(),
-                policy: c.policy.snapshot(),
+                hosts: &c.hosts,
+                policy: c.policy.snapshot_view(),
             };
             serde_json::to_vec(&st).expect("cluster state serialises")
         })
