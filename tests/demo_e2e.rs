@@ -14,10 +14,14 @@ fn demo_predicts_disk_failures_keeps_budgets_and_beats_reactive_healing() {
     cfg.sim.days = 5.0;
     cfg.sim.seed = 7;
     cfg.sim.failure_fraction = 0.15;
+    // the embedded default scores with the committed disk model next to the rules
+    let model = cfg.model_artifact().unwrap();
+    assert!(model.is_some());
     let s = run_demo(&DemoOptions {
         config: cfg.clone(),
         out_dir: dir.path().to_path_buf(),
         progress: false,
+        model: model.clone(),
     })
     .unwrap();
 
@@ -53,6 +57,7 @@ fn demo_predicts_disk_failures_keeps_budgets_and_beats_reactive_healing() {
     assert_eq!(decisions.len() as u64, s.actions.values().sum::<u64>());
     let ids: HashSet<&str> = decisions.iter().map(|d| d.id.as_str()).collect();
     assert_eq!(ids.len(), decisions.len());
+    assert!(decisions.iter().all(|d| d.model.contains("disk-bb@v2")));
     assert!(
         decisions
             .iter()
@@ -78,6 +83,7 @@ fn demo_predicts_disk_failures_keeps_budgets_and_beats_reactive_healing() {
         config: cfg,
         out_dir: dir2.path().to_path_buf(),
         progress: false,
+        model,
     })
     .unwrap();
     assert_eq!(

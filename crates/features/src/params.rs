@@ -113,6 +113,38 @@ impl FeatureConfig {
     }
 }
 
+impl FeatureConfig {
+    /// Every field as `(name, value as text)`, in TOML order.
+    fn fields(&self) -> [(&'static str, String); 10] {
+        [
+            ("window", self.window.to_string()),
+            ("fast_alpha", format!("{:?}", self.fast_alpha)),
+            ("slow_alpha", format!("{:?}", self.slow_alpha)),
+            ("warmup", self.warmup.to_string()),
+            ("heartbeat_gap_s", format!("{:?}", self.heartbeat_gap_s)),
+            ("hours_cap", format!("{:?}", self.hours_cap)),
+            ("z_floor_cpu", format!("{:?}", self.z_floor_cpu)),
+            (
+                "z_floor_latency_ms",
+                format!("{:?}", self.z_floor_latency_ms),
+            ),
+            ("z_floor_iops", format!("{:?}", self.z_floor_iops)),
+            ("z_clip", format!("{:?}", self.z_clip)),
+        ]
+    }
+
+    /// The fields whose values differ, as `(field, self's value, other's value)` in
+    /// TOML order (exact: `0.3` and `0.30000000000000004` differ).
+    pub fn differences(&self, other: &FeatureConfig) -> Vec<(&'static str, String, String)> {
+        self.fields()
+            .into_iter()
+            .zip(other.fields())
+            .filter(|(a, b)| a.1 != b.1)
+            .map(|(a, b)| (a.0, a.1, b.1))
+            .collect()
+    }
+}
+
 impl FeatureParams {
     /// The raw config these parameters came from.
     pub fn config(&self) -> &FeatureConfig {
@@ -169,5 +201,20 @@ mod tests {
             assert!(err.to_string().starts_with(&format!("features.{field} = ")));
         }
         assert!(FeatureConfig::default().check().is_ok());
+    }
+
+    #[test]
+    fn differences_name_each_field_that_differs() {
+        let a = FeatureConfig::default();
+        assert!(a.differences(&a.clone()).is_empty());
+        let b = FeatureConfig {
+            window: 14,
+            z_clip: 50.000000001,
+            ..Default::default()
+        };
+        let d = a.differences(&b);
+        let names: Vec<&str> = d.iter().map(|x| x.0).collect();
+        assert_eq!(names, ["window", "z_clip"]);
+        assert_eq!((d[0].1.as_str(), d[0].2.as_str()), ("36", "14"));
     }
 }

@@ -5,7 +5,8 @@
 //! - [`RuleBaseline`] needs no training: SMART rules plus robust z-scores and event
 //!   counts, so the pipeline works before any model exists.
 //! - Trained models loaded from artifacts in `models/` implement the same [`Detector`]
-//!   trait; [`MaxOf`] combines several.
+//!   trait; [`MaxOf`] combines several, and [`host_detector`] builds the rules plus a
+//!   trained disk model, refusing one whose features differ from the pipeline's.
 //!
 //! Pure logic: no I/O, no clocks, no threads.
 //!
@@ -27,6 +28,7 @@
 mod artifact;
 mod baseline;
 mod detector;
+mod host;
 mod trained;
 
 pub use artifact::{
@@ -36,4 +38,5 @@ pub use artifact::{
 
 pub use baseline::{BaselineConfig, RuleBaseline};
 pub use detector::{Detector, MaxOf, Reason, Reasons, Score, Signature};
+pub use host::{Calibrated, HostModelError, host_detector};
 pub use trained::TrainedForest;

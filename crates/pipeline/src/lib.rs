@@ -21,7 +21,9 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use waterbear_features::{Feature, FeatureConfig, FeatureSet, FeatureVector, HostIdx, ParamError};
-use waterbear_models::{BaselineConfig, Detector, RuleBaseline, Score};
+use waterbear_models::{
+    Artifact, BaselineConfig, Detector, HostModelError, RuleBaseline, Score, host_detector,
+};
 use waterbear_policy::{
     Command, ConfigError, Decision, HostInfo, Notice, Outcome, Policy, PolicyConfig,
 };
@@ -40,8 +42,8 @@ pub struct PipelineConfig {
     pub policy: PolicyConfig,
 }
 
-/// A pipeline setting out of range.
-#[derive(Debug, Clone, PartialEq, Error)]
+/// A pipeline setting out of range, or a model it cannot use.
+#[derive(Debug, Error)]
 pub enum PipelineError {
     /// In `[features]`.
     #[error(transparent)]
@@ -49,6 +51,9 @@ pub enum PipelineError {
     /// In `[policy]`.
     #[error(transparent)]
     Policy(#[from] ConfigError),
+    /// The trained model was refused (kind, schema, or other `[features]`).
+    #[error("model: {0}")]
+    Model(#[from] HostModelError),
 }
 
 /// What one accepted record produced.
@@ -77,6 +82,23 @@ impl Pipeline {
     /// A pipeline with the rule baseline as its detector.
     pub fn from_config(cfg: PipelineConfig) -> Result<Self, PipelineError> {
         let detector = Box::new(RuleBaseline::new(cfg.baseline.clone()));
+        Self::with_detector(cfg, detector)
+    }
+
+    /// A pipeline whose detector is the rule baseline plus, if given, a trained disk
+    /// model, its alarm threshold mapped onto `policy.enter_threshold`
+    /// ([`waterbear_models::host_detector`]).
+    pub fn with_model(
+        cfg: PipelineConfig,
+        model: Option<&Artifact>,
+    ) -> Result<Self, PipelineError> {
+        let features = cfg.features.clone().check()?;
+        let detector = host_detector(
+            cfg.baseline.clone(),
+            model,
+            &features,
+            cfg.policy.enter_threshold,
+        )?;
         Self::with_detector(cfg, detector)
     }
 

@@ -11,7 +11,8 @@ pub struct StreamArgs {
     /// Streaming config (TOML).
     #[arg(long, default_value = "pipelines/streaming.toml")]
     pub config: PathBuf,
-    /// Trained model file (the stream job uses the rule baseline; ignored if absent).
+    /// Trained disk model (e.g. models/disk-bb-v2.json) scored next to the rule
+    /// baseline; overrides `job.model`. Refused if its features differ from the job's.
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// Which stage(s) to run.
@@ -73,14 +74,11 @@ pub enum CliError {
 
 /// Runs the job until SIGTERM/SIGINT.
 pub fn stream(args: StreamArgs) -> Result<(), CliError> {
-    let cfg = JobConfig::load(&args.config, args.instance_id.as_deref())?;
+    let mut cfg = JobConfig::load(&args.config, args.instance_id.as_deref())?;
     if let Some(m) = &args.model {
-        if m.exists() {
-            tracing::warn!(model = %m.display(), "--model: the stream job scores with the rule baseline; trained models are not loaded yet");
-        } else {
-            tracing::info!(model = %m.display(), "--model absent: using the rule baseline");
-        }
+        cfg = cfg.with_model(m, "--model")?;
     }
+    tracing::info!(detector = %cfg.model_label(), "scoring with");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -2,10 +2,12 @@
 //! sections plus `[job]` and the pipeline's `[features]`, `[baseline]`,
 //! `[policy]`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use waterbear_features::FeatureParams;
+use waterbear_models::{Artifact, ArtifactError, Detector, HostModelError, host_detector};
 use waterbear_pipeline::PipelineConfig;
 use waterbear_policy::PolicyParams;
 use waterbear_stream::{StreamConfig, StreamParams};
@@ -39,6 +41,11 @@ pub struct JobSection {
     pub decider_suffix: String,
     /// How far a record's timestamp may be ahead of its Kafka timestamp, ms.
     pub max_future_skew_ms: i64,
+    /// Trained disk model (`models/disk-bb-*.json`) scored next to the rule baseline;
+    /// its alarm threshold is mapped onto `policy.enter_threshold`. Absent: the rules
+    /// alone. A model whose feature schema or `[features]` differ is refused at load.
+    /// `waterbear stream --model PATH` overrides it.
+    pub model: Option<PathBuf>,
 }
 
 impl Default for JobSection {
@@ -49,6 +56,7 @@ impl Default for JobSection {
             decider_state_topic: "waterbear.decider.state".into(),
             decider_suffix: "-decider".into(),
             max_future_skew_ms: 5 * 60 * 1000,
+            model: None,
         }
     }
 }
@@ -78,6 +86,16 @@ pub enum JobConfigError {
     /// The pipeline sections.
     #[error(transparent)]
     Pipeline(#[from] waterbear_pipeline::PipelineError),
+    /// `job.model`: unreadable, or refused for this job's features.
+    #[error("{path}: job.model = {model}: {source}")]
+    Model {
+        /// Config file.
+        path: String,
+        /// The model file.
+        model: String,
+        /// Why (names the failing check).
+        source: HostModelError,
+    },
     /// `[archive]`.
     #[error("{path}: {message}")]
     Archive {
@@ -103,6 +121,17 @@ pub struct JobConfig {
     pub archive: Option<ArchiveParams>,
     features: FeatureParams,
     policy: PolicyParams,
+    detector: SharedDetector,
+}
+
+/// The job's detector, shared by every fresh scorer.
+#[derive(Clone)]
+struct SharedDetector(Arc<dyn Detector>);
+
+impl std::fmt::Debug for SharedDetector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.0.name(), self.0.version())
+    }
 }
 
 impl JobConfig {
@@ -169,6 +198,7 @@ impl JobConfig {
             .clone()
             .check()
             .map_err(waterbear_pipeline::PipelineError::from)?;
+        let detector = load_detector(job.model.as_deref(), origin, &pipeline, &features, &policy)?;
         Ok(Self {
             stream,
             params,
@@ -177,7 +207,26 @@ impl JobConfig {
             archive,
             features,
             policy,
+            detector,
         })
+    }
+
+    /// Replaces `job.model` (the CLI's `--model`), with the same checks as at load.
+    pub fn with_model(mut self, model: &Path, origin: &str) -> Result<Self, JobConfigError> {
+        self.detector = load_detector(
+            Some(model),
+            origin,
+            &self.pipeline,
+            &self.features,
+            &self.policy,
+        )?;
+        self.job.model = Some(model.to_path_buf());
+        Ok(self)
+    }
+
+    /// Detector name@version written into every score record.
+    pub fn model_label(&self) -> String {
+        format!("{:?}", self.detector)
     }
 
     /// Stage 1's stream parameters (as configured).
@@ -205,7 +254,7 @@ impl JobConfig {
     pub fn scorer(&self) -> Scorer {
         Scorer::new(
             self.features.clone(),
-            self.pipeline.baseline.clone(),
+            Arc::clone(&self.detector.0),
             self.job.scores_topic.clone(),
             self.job.max_future_skew_ms,
         )
@@ -214,5 +263,119 @@ impl JobConfig {
     /// A fresh stage-2 transform.
     pub fn decider(&self) -> Decider {
         Decider::new(self.policy.clone())
+    }
+}
+
+/// The rules, plus the model at `model` if given (checked against the job's features).
+fn load_detector(
+    model: Option<&Path>,
+    origin: &str,
+    pipeline: &PipelineConfig,
+    features: &FeatureParams,
+    policy: &PolicyParams,
+) -> Result<SharedDetector, JobConfigError> {
+    let refused = |source: HostModelError| JobConfigError::Model {
+        path: origin.to_string(),
+        model: model.map(|m| m.display().to_string()).unwrap_or_default(),
+        source,
+    };
+    let artifact = match model {
+        None => None,
+        Some(m) => {
+            let f = std::fs::File::open(m)
+                .map_err(|e| refused(HostModelError::Artifact(ArtifactError::Io(e))))?;
+            Some(
+                Artifact::read(std::io::BufReader::new(f))
+                    .map_err(|e| refused(HostModelError::Artifact(e)))?,
+            )
+        }
+    };
+    let det = host_detector(
+        pipeline.baseline.clone(),
+        artifact.as_ref(),
+        features,
+        policy.enter_threshold,
+    )
+    .map_err(refused)?;
+    Ok(SharedDetector(Arc::from(det)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models");
+
+    fn load(extra: &str) -> Result<JobConfig, JobConfigError> {
+        let base = include_str!("../../../pipelines/streaming.toml");
+        JobConfig::from_toml_str(&format!("{base}\n{extra}"), "test.toml", Some("t"))
+    }
+
+    #[test]
+    fn without_a_model_the_rules_score() {
+        let c = load("").unwrap();
+        assert_eq!(c.model_label(), "rule-baseline@1");
+    }
+
+    #[test]
+    fn loads_the_committed_model_and_refuses_mismatches_naming_the_field() {
+        let c = load(&format!("[job]\nmodel = \"{MODELS}/disk-bb-v2.json\"")).unwrap();
+        assert!(
+            c.model_label().contains("disk-bb@v2"),
+            "{}",
+            c.model_label()
+        );
+
+        // trained with window 36, the job computes 14: its scores would mean something else
+        let e = load(&format!(
+            "[job]\nmodel = \"{MODELS}/disk-bb-v2.json\"\n[features]\nwindow = 14"
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                JobConfigError::Model {
+                    source: HostModelError::FeatureParams {
+                        field: "window",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("job.model") && msg.contains("features.window = 36"),
+            "{msg}"
+        );
+
+        // v1 was trained with window 14: refused by the default features, and
+        // accepted when the job computes the same
+        assert!(load(&format!("[job]\nmodel = \"{MODELS}/disk-bb-v1.json\"")).is_err());
+        let c = load(&format!(
+            "[job]\nmodel = \"{MODELS}/disk-bb-v1.json\"\n[features]\nwindow = 14"
+        ))
+        .unwrap();
+        assert!(c.model_label().contains("disk-bb@v1"));
+
+        // not a host model / not there
+        let e = load(&format!("[job]\nmodel = \"{MODELS}/smd-v1.json\"")).unwrap_err();
+        assert!(e.to_string().contains("smd_zscore"), "{e}");
+        assert!(load("[job]\nmodel = \"/nonexistent.json\"").is_err());
+    }
+
+    #[test]
+    fn the_cli_override_gets_the_same_checks() {
+        let c = load("").unwrap();
+        let c = c
+            .with_model(Path::new(&format!("{MODELS}/disk-bb-v2.json")), "--model")
+            .unwrap();
+        assert!(c.model_label().contains("disk-bb@v2"));
+        let e = load("[features]\nwindow = 14")
+            .unwrap()
+            .with_model(Path::new(&format!("{MODELS}/disk-bb-v2.json")), "--model")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("--model: job.model"), "{e}");
     }
 }

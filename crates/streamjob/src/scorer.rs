@@ -2,10 +2,11 @@
 //! [`ScoreRecord`] (keyed by cluster).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use waterbear_features::{FeatureParams, FeatureVector, HostState};
-use waterbear_models::{BaselineConfig, Detector, Reason, RuleBaseline, Signature};
+use waterbear_models::{Detector, Reason, Signature};
 use waterbear_stream::{Output, Record, Topic, Transform};
 use waterbear_telemetry::{HostRecord, LastAccepted, ValidationError, check_host, decode};
 
@@ -58,7 +59,7 @@ struct Slot {
 /// The stage-1 transform.
 pub struct Scorer {
     params: FeatureParams,
-    detector: RuleBaseline,
+    detector: Arc<dyn Detector>,
     model: String,
     scores_topic: String,
     max_future_skew_ms: i64,
@@ -74,14 +75,14 @@ fn dlq(r: &Record<'_>, kind: &str, message: String) -> Output {
 }
 
 impl Scorer {
-    /// A scorer with the rule baseline.
+    /// A scorer with `detector` (see [`waterbear_models::host_detector`]), whose
+    /// inputs are computed with `params`.
     pub fn new(
         params: FeatureParams,
-        baseline: BaselineConfig,
+        detector: Arc<dyn Detector>,
         scores_topic: String,
         max_future_skew_ms: i64,
     ) -> Self {
-        let detector = RuleBaseline::new(baseline);
         let model = format!("{}@{}", detector.name(), detector.version());
         Self {
             params,

@@ -14,12 +14,19 @@ use waterbear_telemetry::{HostRecord, decode, encode_to_vec};
 /// (1) N simulated records in -> exactly the in-process pipeline's decisions
 /// (ids and contents), read_committed. One partition per stage, so the
 /// decider sees the records in the simulator's order, as the pipeline does.
+/// Both score with the committed disk model next to the rules (`job.model`).
 #[test]
 fn decisions_match_the_in_process_pipeline() {
     init_tracing();
     let names = JobNames::new("match");
     let recs = sim_records(sim_config(40, 2.0, 7)).unwrap();
-    let expected = pipeline_decisions(&recs, PipelineConfig::default());
+    let model_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/disk-bb-v2.json");
+    let model = waterbear_models::Artifact::read(std::fs::File::open(model_path).unwrap()).unwrap();
+    let expected = pipeline_decisions_with(&recs, PipelineConfig::default(), Some(&model));
+    assert!(
+        expected.iter().all(|d| d.model.contains("disk-bb@v2")),
+        "the pipeline scores with the model"
+    );
     assert!(
         expected.len() >= 3,
         "sim gives too few decisions: {}",
@@ -31,7 +38,7 @@ fn decisions_match_the_in_process_pipeline() {
         feeder.send_chunk(&names.telemetry, chunk);
     }
     let dir = tmpdir();
-    let cfg = names.write_config(&dir, 1, "");
+    let cfg = names.write_config(&dir, 1, &format!("model = {model_path:?}"));
     let log = dir.join(format!("{}.log", names.id));
     let t0 = Instant::now();
     let mut job = spawn_job(&cfg, "m0", &log);

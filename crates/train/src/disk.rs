@@ -22,7 +22,7 @@ use waterbear_models::{
 };
 
 /// The committed disk model used when no `--model` is given.
-pub const DEFAULT_DISK_MODEL: &str = "models/disk-bb-v1.json";
+pub const DEFAULT_DISK_MODEL: &str = "models/disk-bb-v2.json";
 
 /// Finds a committed model file: as given, else relative to the workspace root.
 pub fn locate_model(path: &str) -> PathBuf {

@@ -27,6 +27,8 @@ pub struct DemoOptions {
     pub out_dir: PathBuf,
     /// Show a progress bar.
     pub progress: bool,
+    /// Trained disk model scored next to the rules (see [`DemoConfig::model_artifact`]).
+    pub model: Option<waterbear_models::Artifact>,
 }
 
 /// Why the demo could not run.
@@ -206,7 +208,7 @@ pub(crate) fn run_demo_with(
     let started = Instant::now();
     let cfg = &opts.config;
     let sim = cfg.sim.clone().check()?;
-    let mut pipeline = Pipeline::from_config(cfg.pipeline())?;
+    let mut pipeline = Pipeline::with_model(cfg.pipeline(), opts.model.as_ref())?;
     let out = &opts.out_dir;
     std::fs::create_dir_all(out).map_err(|source| DemoError::Io {
         step: "creating",

@@ -38,6 +38,9 @@ enum Command {
         /// Override sim.seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Override `model`: "builtin", "none" or a model file.
+        #[arg(long)]
+        model: Option<String>,
         /// Hide the progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -124,6 +127,7 @@ fn main() -> Result<()> {
             hosts,
             days,
             seed,
+            model,
             no_progress,
             kvm,
             kvm_hosts,
@@ -141,16 +145,28 @@ fn main() -> Result<()> {
             if let Some(s) = seed {
                 cfg.sim.seed = s;
             }
+            if let Some(m) = model {
+                cfg.model = m;
+            }
             tracing::info!(
                 hosts = cfg.sim.hosts,
                 days = cfg.sim.days,
                 seed = cfg.sim.seed,
                 "demo starting"
             );
+            let model = cfg.model_artifact()?;
+            tracing::info!(
+                model = model
+                    .as_ref()
+                    .map(|a| format!("{}@{}", a.name, a.version))
+                    .unwrap_or_else(|| "none (rules only)".into()),
+                "demo detector"
+            );
             let opts = DemoOptions {
                 config: cfg,
                 out_dir: out,
                 progress: !no_progress,
+                model,
             };
             if kvm {
                 let mut k = waterbear::KvmDemoOptions::new(

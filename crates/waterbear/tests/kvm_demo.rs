@@ -13,11 +13,13 @@ fn kvm_demo_moves_and_freezes_real_guests() {
     cfg.sim.failure_fraction = 0.15;
     let mut k = KvmDemoOptions::new(env!("CARGO_BIN_EXE_waterbear").into());
     k.vm_mib = 16;
+    let model = cfg.model_artifact().unwrap();
     let (demo, real) = run_kvm_demo(
         &DemoOptions {
             config: cfg,
             out_dir: dir.path().to_path_buf(),
             progress: false,
+            model,
         },
         &k,
     )

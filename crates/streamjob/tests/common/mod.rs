@@ -145,7 +145,16 @@ pub fn wire(recs: &[HostRecord]) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// record (score, signature, reasons), so that field is cleared here and
 /// everything else must match.
 pub fn pipeline_decisions(recs: &[HostRecord], cfg: PipelineConfig) -> Vec<Decision> {
-    let mut p = Pipeline::from_config(cfg).unwrap();
+    pipeline_decisions_with(recs, cfg, None)
+}
+
+/// [`pipeline_decisions`] with a trained model next to the rules.
+pub fn pipeline_decisions_with(
+    recs: &[HostRecord],
+    cfg: PipelineConfig,
+    model: Option<&waterbear_models::Artifact>,
+) -> Vec<Decision> {
+    let mut p = Pipeline::with_model(cfg, model).unwrap();
     recs.iter()
         .filter_map(|r| p.process(r, i64::MAX / 2).ok().and_then(|s| s.decision))
         .map(|mut d| {
