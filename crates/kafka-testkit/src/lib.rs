@@ -184,12 +184,27 @@ impl Collector {
 
     /// Polls until at least `n` records or the deadline (panics then).
     pub fn wait_for(&mut self, n: usize, deadline: Duration, what: &str) {
+        self.wait_for_items(n, |r| r.len(), deadline, what);
+    }
+
+    /// Polls until `count(records so far) >= n` (e.g. items inside batched
+    /// records) or the deadline (panics then).
+    pub fn wait_for_items(
+        &mut self,
+        n: usize,
+        count: impl Fn(&[Rec]) -> usize,
+        deadline: Duration,
+        what: &str,
+    ) {
         let end = Instant::now() + deadline;
-        while self.recs.len() < n {
+        loop {
+            let have = count(&self.recs);
+            if have >= n {
+                return;
+            }
             assert!(
                 Instant::now() < end,
-                "{what}: only {} of {n} records in {} after {deadline:?}",
-                self.recs.len(),
+                "{what}: only {have} of {n} in {} after {deadline:?}",
                 self.topic
             );
             self.poll_for(Duration::from_millis(100));

@@ -715,7 +715,7 @@ impl<T: Transform + 'static> Job<T> {
         let producer = inner.producer.as_ref().expect("producer present");
         let (mut alerts, mut dlq, mut other) = (0u64, 0u64, 0u64);
         for o in &outputs {
-            let sent_as = match produce_output(producer, p, &rec, o) {
+            let sent_as = match produce_output(producer, p, Some(&rec), o) {
                 Ok(()) => o.topic.clone(),
                 // A record the client refuses outright (too large, unknown
                 // topic) would fail every replay: dead-letter the input
@@ -729,7 +729,7 @@ impl<T: Transform + 'static> Job<T> {
                         rec.payload,
                         format!("output to {:?} rejected: {code}", o.topic),
                     );
-                    produce_output(producer, p, &rec, &d)?;
+                    produce_output(producer, p, Some(&rec), &d)?;
                     Topic::Dlq
                 }
                 Err(e) => return Err(e),
@@ -764,8 +764,26 @@ impl<T: Transform + 'static> Job<T> {
         let shared = &self.shared;
         let p = &shared.params;
         let result = (|| -> Result<(), KafkaError> {
-            let producer = inner.producer.as_ref().expect("producer present");
             let t_state = Instant::now();
+            let flushed = match catch_unwind(AssertUnwindSafe(|| inner.transform.flush())) {
+                Ok(o) => o,
+                Err(_) => {
+                    // No single input to dead-letter: abort, so the batch is
+                    // replayed rather than committed without its outputs.
+                    error!("transform panicked in flush; aborting the transaction");
+                    return Err(KafkaError::Global(RDKafkaErrorCode::Fail));
+                }
+            };
+            let producer = inner.producer.as_ref().expect("producer present");
+            for o in &flushed {
+                produce_output(producer, p, None, o)?;
+                let b = &mut inner.batch;
+                match o.topic {
+                    Topic::Alerts => b.alerts += 1,
+                    Topic::Dlq => b.dlq += 1,
+                    Topic::Named(_) => b.other += 1,
+                }
+            }
             let dirty = std::mem::take(&mut inner.batch.dirty);
             for (part, keys) in &dirty {
                 for key in keys {
@@ -929,7 +947,7 @@ impl<T: Transform + 'static> Job<T> {
 fn produce_output(
     producer: &TxnProducer,
     p: &StreamParams,
-    rec: &Record<'_>,
+    rec: Option<&Record<'_>>,
     o: &Output,
 ) -> Result<(), KafkaError> {
     let topic = match &o.topic {
@@ -950,7 +968,7 @@ fn produce_output(
                 value: Some(v),
             });
         }
-        if is_dlq {
+        if let (true, Some(rec)) = (is_dlq, rec) {
             let part = rec.partition.to_string();
             let off = rec.offset.to_string();
             headers = headers

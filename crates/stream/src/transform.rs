@@ -86,6 +86,17 @@ pub trait Transform: Send {
     /// Processes one record; returns the records to produce.
     fn process(&mut self, record: &Record<'_>) -> Vec<Output>;
 
+    /// Records to produce just before the transaction commits, after its last
+    /// [`Transform::process`]: a transform that batches its outputs (many
+    /// inputs, one output record) returns the rest of its batches here. They
+    /// go out in the same transaction. After an aborted transaction the job
+    /// calls [`Transform::forget_partition`] for every assigned partition: a
+    /// batching transform drops what it held for them there, because those
+    /// inputs are replayed.
+    fn flush(&mut self) -> Vec<Output> {
+        Vec::new()
+    }
+
     /// Serialised state of `key` (a record key seen since the last commit),
     /// or `None` when the key has nothing to persist. Stateless transforms
     /// keep the default.

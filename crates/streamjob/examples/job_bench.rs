@@ -8,8 +8,9 @@
 //! 1. produce: the simulator's telemetry (wire JSON, key = host id) into a
 //!    fresh telemetry topic;
 //! 2. ceiling: a bare read_committed consumer reads it all;
-//! 3. end to end: the job (role both) from start until the decider has
-//!    consumed every score record (i.e. every telemetry record went through
+//! 3. end to end: the job (role both) from start until the scorer has
+//!    committed every telemetry record and the decider every score batch the
+//!    scorer committed (i.e. every telemetry record went through
 //!    validate -> features -> detector -> scores topic -> policy, two
 //!    transactions);
 //! 4. latency: simulator records paced at `--rate` for `--latency-secs`;
@@ -30,7 +31,7 @@ use waterbear_policy::Decision;
 use waterbear_sim::{Fleet, SimConfig};
 use waterbear_stream::Metrics;
 use waterbear_streamjob::simulate::{send, telemetry_producer};
-use waterbear_streamjob::{JobConfig, Role, ScoreRecord, run_job_with_metrics};
+use waterbear_streamjob::{JobConfig, Role, ScoreBatch, run_job_with_metrics};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -206,12 +207,15 @@ async fn main() {
         sm.clone(),
         dm.clone(),
     ));
-    while (dm.records_in.get() as usize) < m {
+    // Score batches are the scorer's committed "other" outputs.
+    let batches = || sm.records_out.with_label_values(&["other"]).get();
+    while (sm.records_in.get() as usize) < m || dm.records_in.get() < batches() {
         assert!(
             t0.elapsed() < Duration::from_secs(900),
-            "stalled: scorer {} decider {}",
+            "stalled: scorer {} decider {} of {} batches",
             sm.records_in.get(),
-            dm.records_in.get()
+            dm.records_in.get(),
+            batches()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -220,8 +224,9 @@ async fn main() {
     tx.send(()).unwrap();
     job.await.unwrap().expect("job");
     println!(
-        "end to end (scorer+decider, EOS): {e2e:>9.0} records/s ({m} in {e2e_s:.2}s incl. group joins; dlq {})",
-        sm.dlq.get()
+        "end to end (scorer+decider, EOS): {e2e:>9.0} records/s ({m} in {e2e_s:.2}s incl. group joins; dlq {}; {} score batches)",
+        sm.dlq.get(),
+        batches()
     );
     println!("ratio e2e/ceiling:          {:>9.2}", e2e / ceiling);
 
@@ -258,15 +263,18 @@ async fn main() {
                 if let Some(Ok(msg)) = c.poll(Duration::from_millis(50)) {
                     let now = now_us();
                     let p = msg.payload().unwrap_or_default();
-                    let k = if is_scores {
-                        let s: ScoreRecord = serde_json::from_slice(p).unwrap();
-                        (s.host, s.ts)
+                    let keys: Vec<(String, i64)> = if is_scores {
+                        let b = ScoreBatch::decode(p).unwrap();
+                        b.scores.iter().map(|s| (s.host.to_owned(), s.ts)).collect()
                     } else {
                         let d: Decision = serde_json::from_slice(p).unwrap();
-                        (d.host_id, d.ts_ms)
+                        vec![(d.host_id, d.ts_ms)]
                     };
-                    if let Some(t) = sent.lock().unwrap().get(&k) {
-                        lat.push(now.saturating_sub(*t));
+                    let sent = sent.lock().unwrap();
+                    for k in &keys {
+                        if let Some(t) = sent.get(k) {
+                            lat.push(now.saturating_sub(*t));
+                        }
                     }
                 }
             }

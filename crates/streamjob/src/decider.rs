@@ -17,7 +17,7 @@ use waterbear_policy::{Decision, HostInfo, Policy, PolicyParams, PolicySnapshot}
 use waterbear_stream::{Output, Record, Transform};
 
 use crate::DLQ_KIND_HEADER;
-use crate::scorer::ScoreRecord;
+use crate::batch::{HostScore, ScoreBatch};
 
 /// Version of the decider's per-cluster state encoding.
 const STATE_VERSION: u32 = 2;
@@ -74,15 +74,21 @@ impl Decider {
         slot
     }
 
-    /// Runs one score record through its cluster's policy.
-    pub fn decide(&mut self, partition: i32, s: &ScoreRecord) -> Option<Decision> {
-        let slot = self.slot(partition, &s.cluster);
-        let idx = match slot.index.get(&s.host) {
+    /// Runs one host's score through its cluster's policy.
+    pub fn decide(
+        &mut self,
+        partition: i32,
+        cluster: &str,
+        model: &str,
+        s: &HostScore<'_>,
+    ) -> Option<Decision> {
+        let slot = self.slot(partition, cluster);
+        let idx = match slot.index.get(s.host) {
             Some(&i) => i,
             None => {
                 let i = slot.hosts.len() as HostIdx;
-                slot.index.insert(s.host.clone(), i);
-                slot.hosts.push(s.host.clone());
+                slot.index.insert(s.host.to_owned(), i);
+                slot.hosts.push(s.host.to_owned());
                 i
             }
         };
@@ -96,16 +102,16 @@ impl Decider {
             reasons,
         };
         let info = HostInfo {
-            host_id: &s.host,
-            cluster: &s.cluster,
-            rack: &s.rack,
+            host_id: s.host,
+            cluster,
+            rack: s.rack,
             fault_domain: s.fd,
             update_domain: s.ud,
             availability_sets: &[],
             vm_count: s.vms,
             vm_mem_mib: s.vm_mem_mib,
         };
-        let d = slot.policy.observe(idx, &info, s.ts, &score, &s.model);
+        let d = slot.policy.observe(idx, &info, s.ts, &score, model);
         if d.is_some() {
             self.decisions += 1;
         }
@@ -122,24 +128,27 @@ fn dlq(r: &Record<'_>, kind: &str, message: String) -> Output {
 
 impl Transform for Decider {
     fn process(&mut self, r: &Record<'_>) -> Vec<Output> {
-        let s: ScoreRecord = match serde_json::from_slice(r.payload) {
-            Ok(s) => s,
-            Err(e) => return vec![dlq(r, "bad_score_record", e.to_string())],
+        let b = match ScoreBatch::decode(r.payload) {
+            Ok(b) => b,
+            Err(e) => return vec![dlq(r, "bad_score_batch", e.to_string())],
         };
-        if r.key != Some(s.cluster.as_bytes()) {
+        if r.key != Some(b.cluster.as_bytes()) {
             return vec![dlq(
                 r,
                 "key_mismatch",
-                format!("score record key is not its cluster {:?}", s.cluster),
+                format!("score batch key is not its cluster {:?}", b.cluster),
             )];
         }
-        match self.decide(r.partition, &s) {
-            Some(d) => vec![Output::alert(
-                d.host_id.as_bytes().to_vec(),
-                serde_json::to_vec(&d).expect("decisions serialise"),
-            )],
-            None => Vec::new(),
-        }
+        b.scores
+            .iter()
+            .filter_map(|s| self.decide(r.partition, b.cluster, b.model, s))
+            .map(|d| {
+                Output::alert(
+                    d.host_id.as_bytes().to_vec(),
+                    serde_json::to_vec(&d).expect("decisions serialise"),
+                )
+            })
+            .collect()
     }
 
     fn state(&self, key: &[u8]) -> Option<Vec<u8>> {
@@ -219,19 +228,17 @@ mod tests {
     fn restore_reproduces_policy_state() {
         let params = waterbear_policy::PolicyConfig::default().check().unwrap();
         let mut a = Decider::new(params.clone());
-        let mk = |host: &str, ts: i64, score: f64| ScoreRecord {
-            host: host.into(),
-            cluster: "c".into(),
+        let mk = |host: &'static str, ts: i64, score: f64| HostScore {
+            host,
             fd: 1,
             ud: 0,
             vms: 3,
-            rack: "r".into(),
+            rack: "r",
             vm_mem_mib: 3 * 4096,
             ts,
             score,
             sig: Signature::Disk,
             reasons: Vec::new(),
-            model: "m".into(),
         };
         let mut all = Vec::new();
         for t in 0..200i64 {
@@ -247,7 +254,7 @@ mod tests {
         let (first, second) = all.split_at(300);
         let mut ids_a = Vec::new();
         for s in &all {
-            if let Some(d) = a.decide(0, s) {
+            if let Some(d) = a.decide(0, "c", "m", s) {
                 ids_a.push(d);
             }
         }
@@ -255,7 +262,7 @@ mod tests {
         let mut b = Decider::new(params.clone());
         let mut ids_b = Vec::new();
         for s in first {
-            if let Some(d) = b.decide(0, s) {
+            if let Some(d) = b.decide(0, "c", "m", s) {
                 ids_b.push(d);
             }
         }
@@ -263,11 +270,56 @@ mod tests {
         let mut c = Decider::new(params);
         c.restore(0, b"c", &st);
         for s in second {
-            if let Some(d) = c.decide(0, s) {
+            if let Some(d) = c.decide(0, "c", "m", s) {
                 ids_b.push(d);
             }
         }
         assert!(!ids_a.is_empty());
         assert_eq!(ids_a, ids_b);
+    }
+
+    #[test]
+    fn bad_batches_go_to_the_dlq_with_their_kind() {
+        let params = waterbear_policy::PolicyConfig::default().check().unwrap();
+        let mut d = Decider::new(params);
+        let rec = |key: &'static [u8], payload: &'static [u8]| Record {
+            partition: 0,
+            offset: 7,
+            timestamp_ms: None,
+            key: Some(key),
+            payload,
+        };
+        let kind = |o: &Output| {
+            o.headers
+                .iter()
+                .find(|(k, _)| k == DLQ_KIND_HEADER)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let out = d.process(&rec(b"c", br#"{"host":"h1","cluster":"c"}"#));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, waterbear_stream::Topic::Dlq);
+        assert_eq!(kind(&out[0]).as_deref(), Some("bad_score_batch"));
+
+        let mut w = crate::batch::ScoreBatchWriter::default();
+        w.push(&HostScore {
+            host: "h1",
+            fd: 0,
+            ud: 0,
+            vms: 1,
+            rack: "r",
+            vm_mem_mib: 1,
+            ts: 0,
+            score: 0.1,
+            sig: Signature::None,
+            reasons: Vec::new(),
+        });
+        let good: &'static [u8] = Box::leak(w.finish("c", "m").into_boxed_slice());
+        let out = d.process(&rec(b"other", good));
+        assert_eq!(kind(&out[0]).as_deref(), Some("key_mismatch"));
+        assert!(
+            d.process(&rec(b"c", good)).is_empty(),
+            "a quiet score decides nothing"
+        );
+        assert_eq!(d.clusters.len(), 1);
     }
 }

@@ -3,17 +3,18 @@
 //!
 //! * [`Scorer`] (stage 1, input `telemetry` keyed by host): decode + validate
 //!   (invalid records go to the DLQ with the error kind and message), features,
-//!   detector; emits a compact [`ScoreRecord`] to the `scores` topic keyed by
-//!   CLUSTER. Per-host state (feature `HostState` and the validator's last
-//!   timestamp/counters) is persisted through the per-key state topic.
+//!   detector; emits the scores to the `scores` topic keyed by CLUSTER, as one
+//!   binary [`ScoreBatch`] per (input partition, cluster) and transaction
+//!   (at most [`MAX_SCORES_PER_BATCH`] scores each). Per-host state (feature
+//!   `HostState` and the validator's last timestamp/counters) is persisted
+//!   through the per-key state topic.
 //! * [`Decider`] (stage 2, input `scores` keyed by cluster, so one writer per
 //!   cluster): runs the `Policy` over the cluster's scores and produces
 //!   serde_json `Decision`s to `alerts` keyed by host. Its state is the
-//!   cluster's log of the scores that changed the policy's state; on restore the
-//!   policy is rebuilt by replaying that log (the policy is pure), discarding
-//!   the decisions the replay makes (they were committed before).
+//!   cluster's policy snapshot (plain serde data), restored as it was.
 
 pub mod archive;
+mod batch;
 pub mod cli;
 mod config;
 pub mod decider;
@@ -23,9 +24,13 @@ pub mod simulate;
 pub use archive::{
     ArchiveConfig, ArchiveError, ArchiveMetrics, ArchiveParams, ArchiveStats, Archiver,
 };
+pub use batch::{
+    HostScore, MAX_SCORES_PER_BATCH, SCORE_BATCH_MAGIC, SCORE_BATCH_MAX_BYTES, SCORE_BATCH_VERSION,
+    ScoreBatch, ScoreBatchError, ScoreBatchWriter,
+};
 pub use config::{JobConfig, JobConfigError, JobSection, Role};
 pub use decider::Decider;
-pub use scorer::{ScoreRecord, Scorer};
+pub use scorer::Scorer;
 pub use simulate::{SimulateError, SimulateOptions, simulate};
 
 use waterbear_stream::{Metrics, run_with_metrics};

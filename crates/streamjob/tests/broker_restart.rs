@@ -39,8 +39,9 @@ fn broker_restart_mid_stream_loses_nothing() {
     }
     let mut job = spawn_ready(&cfg, "r0", &log);
     let mut scores = Collector::new(&names.scores, 1);
-    scores.wait_for(
+    scores.wait_for_items(
         first.len() / 2,
+        scores_in,
         Duration::from_secs(60),
         "scores before restart",
     );

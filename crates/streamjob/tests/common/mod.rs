@@ -164,6 +164,18 @@ pub fn pipeline_decisions_with(
         .collect()
 }
 
+/// Host scores inside the score batches of `recs` (the scores topic).
+pub fn scores_in(recs: &[Rec]) -> usize {
+    recs.iter()
+        .map(|r| {
+            waterbear_streamjob::ScoreBatch::decode(&r.payload)
+                .expect("a score batch")
+                .scores
+                .len()
+        })
+        .sum()
+}
+
 /// Parses alerts; panics on an id seen twice with different content; returns
 /// (distinct decisions by id, total records).
 pub fn decisions_by_id(recs: &[Rec]) -> (BTreeMap<String, Decision>, usize) {

@@ -1,0 +1,308 @@
+//! The scores topic's record: a [`ScoreBatch`], the scores of one cluster from
+//! one input partition within one transaction, in input order.
+//!
+//! One Kafka record per batch instead of one per telemetry record: the broker
+//! and both clients handle ~1/1000 of the messages, and the decider decodes
+//! borrowed strings instead of parsing JSON. Binary layout (Firecracker style):
+//! a magic, a version and a size cap, then bincode (standard config):
+//!
+//! ```text
+//! "WBSB" | version u16 LE | bincode (cluster, model, count) | count x HostScore
+//! ```
+
+use bincode::config::{Config, standard};
+use serde::{Deserialize, Serialize};
+use waterbear_models::{Reason, Signature};
+
+/// First bytes of every batch.
+pub const SCORE_BATCH_MAGIC: [u8; 4] = *b"WBSB";
+/// Layout version this build writes and reads.
+pub const SCORE_BATCH_VERSION: u16 = 1;
+/// Largest batch this build decodes (the writer closes a batch long before:
+/// [`MAX_SCORES_PER_BATCH`] scores are a few hundred KiB).
+pub const SCORE_BATCH_MAX_BYTES: usize = 4 << 20;
+/// Scores after which the writer closes a batch, so a record stays well under
+/// Kafka's default 1 MB `message.max.bytes`.
+pub const MAX_SCORES_PER_BATCH: u32 = 2000;
+
+fn cfg() -> impl Config {
+    standard()
+}
+
+/// One host's score (stage 1 -> stage 2).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostScore<'a> {
+    /// Host id.
+    pub host: &'a str,
+    /// Fault domain.
+    pub fd: u32,
+    /// Update domain.
+    pub ud: u32,
+    /// VMs on the host.
+    pub vms: u32,
+    /// Rack of the host (the policy's common-cause guard groups by it).
+    pub rack: &'a str,
+    /// Guest memory on the host, MiB (the policy's evacuation-time estimate).
+    pub vm_mem_mib: u64,
+    /// Record timestamp, ms.
+    pub ts: i64,
+    /// Risk in [0, 1] (exact f64 round trip).
+    pub score: f64,
+    /// Failure signature.
+    pub sig: Signature,
+    /// Strongest reasons first.
+    pub reasons: Vec<Reason>,
+}
+
+/// A decoded batch, borrowing its strings from the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreBatch<'a> {
+    /// Cluster (also the record key).
+    pub cluster: &'a str,
+    /// Detector name@version that scored them.
+    pub model: &'a str,
+    /// The scores, in input order.
+    pub scores: Vec<HostScore<'a>>,
+}
+
+/// Why a scores-topic record was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ScoreBatchError {
+    /// Shorter than the header.
+    #[error("score batch of {0} bytes is shorter than its 6-byte header")]
+    Truncated(usize),
+    /// Over [`SCORE_BATCH_MAX_BYTES`].
+    #[error("score batch of {0} bytes is over the {SCORE_BATCH_MAX_BYTES}-byte cap")]
+    TooLarge(usize),
+    /// Not a score batch.
+    #[error("not a score batch: magic {0:02x?}")]
+    Magic([u8; 4]),
+    /// A layout this build does not read.
+    #[error("score batch version {0}, this build reads version {SCORE_BATCH_VERSION}")]
+    Version(u16),
+    /// The body does not decode (names the part).
+    #[error("score batch {part}: {message}")]
+    Body {
+        /// `header`, `score N` or `trailing bytes`.
+        part: String,
+        /// The decoder's message.
+        message: String,
+    },
+}
+
+/// Accumulates the encoded scores of one batch.
+#[derive(Debug, Default)]
+pub struct ScoreBatchWriter {
+    body: Vec<u8>,
+    count: u32,
+}
+
+impl ScoreBatchWriter {
+    /// Appends one score.
+    pub fn push(&mut self, s: &HostScore<'_>) {
+        bincode::serde::encode_into_std_write(s, &mut self.body, cfg())
+            .expect("encoding into a Vec cannot fail");
+        self.count += 1;
+    }
+
+    /// Scores held.
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether no score is held.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The record payload of the scores pushed so far; the writer is empty after.
+    pub fn finish(&mut self, cluster: &str, model: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.body.len() + cluster.len() + model.len() + 16);
+        out.extend_from_slice(&SCORE_BATCH_MAGIC);
+        out.extend_from_slice(&SCORE_BATCH_VERSION.to_le_bytes());
+        bincode::serde::encode_into_std_write((cluster, model, self.count), &mut out, cfg())
+            .expect("encoding into a Vec cannot fail");
+        out.append(&mut self.body);
+        self.count = 0;
+        out
+    }
+}
+
+impl<'a> ScoreBatch<'a> {
+    /// Decodes and checks a scores-topic record.
+    pub fn decode(payload: &'a [u8]) -> Result<Self, ScoreBatchError> {
+        if payload.len() > SCORE_BATCH_MAX_BYTES {
+            return Err(ScoreBatchError::TooLarge(payload.len()));
+        }
+        if payload.len() < 6 {
+            return Err(ScoreBatchError::Truncated(payload.len()));
+        }
+        let magic: [u8; 4] = payload[..4].try_into().expect("4 bytes");
+        if magic != SCORE_BATCH_MAGIC {
+            return Err(ScoreBatchError::Magic(magic));
+        }
+        let version = u16::from_le_bytes([payload[4], payload[5]]);
+        if version != SCORE_BATCH_VERSION {
+            return Err(ScoreBatchError::Version(version));
+        }
+        let body = |part: String, e: bincode::error::DecodeError| ScoreBatchError::Body {
+            part,
+            message: e.to_string(),
+        };
+        let mut rest = &payload[6..];
+        let ((cluster, model, count), used): ((&str, &str, u32), usize) =
+            bincode::serde::borrow_decode_from_slice(rest, cfg())
+                .map_err(|e| body("header".into(), e))?;
+        rest = &rest[used..];
+        // every score takes more than 8 bytes: a count beyond that is a lie
+        if count as usize > rest.len() / 8 + 1 {
+            return Err(ScoreBatchError::Body {
+                part: "header".into(),
+                message: format!("count {count} does not fit in {} bytes", rest.len()),
+            });
+        }
+        let mut scores = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let (s, used): (HostScore<'a>, usize) =
+                bincode::serde::borrow_decode_from_slice(rest, cfg())
+                    .map_err(|e| body(format!("score {i}"), e))?;
+            rest = &rest[used..];
+            scores.push(s);
+        }
+        if !rest.is_empty() {
+            return Err(ScoreBatchError::Body {
+                part: "trailing bytes".into(),
+                message: format!("{} bytes after the last score", rest.len()),
+            });
+        }
+        Ok(Self {
+            cluster,
+            model,
+            scores,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use waterbear_features::Feature;
+
+    fn score<'a>(host: &'a str, rack: &'a str, ts: i64, v: f64, reasons: usize) -> HostScore<'a> {
+        HostScore {
+            host,
+            fd: 3,
+            ud: 1,
+            vms: 7,
+            rack,
+            vm_mem_mib: 7 * 4096,
+            ts,
+            score: v,
+            sig: Signature::Disk,
+            reasons: (0..reasons)
+                .map(|k| Reason {
+                    feature: Feature::ALL[k % Feature::ALL.len()],
+                    value: v * k as f64,
+                    contribution: 1.0 / (k as f64 + 1.0),
+                })
+                .collect(),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn round_trips_exactly(
+            items in proptest::collection::vec(
+                ("[a-z0-9-]{0,12}", "[a-z0-9]{0,6}", any::<i64>(), any::<f64>(), 0usize..4),
+                0..50,
+            ),
+            cluster in "[a-z0-9]{0,8}",
+        ) {
+            let want: Vec<HostScore<'_>> = items
+                .iter()
+                .map(|(h, r, ts, v, n)| score(h, r, *ts, *v, *n))
+                .collect();
+            let mut w = ScoreBatchWriter::default();
+            for s in &want {
+                w.push(s);
+            }
+            prop_assert_eq!(w.len() as usize, want.len());
+            let bytes = w.finish(&cluster, "rule-baseline@1");
+            prop_assert!(w.is_empty());
+            let got = ScoreBatch::decode(&bytes).unwrap();
+            prop_assert_eq!(got.cluster, cluster.as_str());
+            prop_assert_eq!(got.model, "rule-baseline@1");
+            prop_assert_eq!(got.scores.len(), want.len());
+            for (g, w) in got.scores.iter().zip(&want) {
+                // bit-exact floats (NaN included)
+                prop_assert_eq!(g.score.to_bits(), w.score.to_bits());
+                prop_assert_eq!((g.host, g.rack, g.ts, g.fd, g.ud, g.vms, g.vm_mem_mib, g.sig),
+                    (w.host, w.rack, w.ts, w.fd, w.ud, w.vms, w.vm_mem_mib, w.sig));
+                prop_assert_eq!(g.reasons.len(), w.reasons.len());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut framed = SCORE_BATCH_MAGIC.to_vec();
+            framed.extend_from_slice(&SCORE_BATCH_VERSION.to_le_bytes());
+            framed.extend_from_slice(&bytes);
+            let _ = ScoreBatch::decode(&bytes);
+            let _ = ScoreBatch::decode(&framed);
+        }
+    }
+
+    #[test]
+    fn refusals_name_what_is_wrong() {
+        let mut w = ScoreBatchWriter::default();
+        w.push(&score("h1", "r1", 1, 0.5, 2));
+        let good = w.finish("c1", "m");
+        assert!(matches!(
+            ScoreBatch::decode(&good[..4]),
+            Err(ScoreBatchError::Truncated(4))
+        ));
+        assert!(matches!(
+            ScoreBatch::decode(br#"{"host":"h1"}"#),
+            Err(ScoreBatchError::Magic(_))
+        ));
+        let mut v2 = good.clone();
+        v2[4] = 2;
+        assert!(matches!(
+            ScoreBatch::decode(&v2),
+            Err(ScoreBatchError::Version(2))
+        ));
+        let e = ScoreBatch::decode(&good[..good.len() - 3]).unwrap_err();
+        assert!(e.to_string().starts_with("score batch score 0"), "{e}");
+        let mut long = good.clone();
+        long.push(0);
+        let e = ScoreBatch::decode(&long).unwrap_err();
+        assert!(e.to_string().contains("trailing bytes"), "{e}");
+        let huge = vec![0u8; SCORE_BATCH_MAX_BYTES + 1];
+        assert!(matches!(
+            ScoreBatch::decode(&huge),
+            Err(ScoreBatchError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_batch_stays_far_below_kafkas_default_record_cap() {
+        let mut w = ScoreBatchWriter::default();
+        for i in 0..MAX_SCORES_PER_BATCH {
+            let h = format!("host-{i:06}");
+            w.push(&score(
+                &h,
+                "rack-0001",
+                i64::from(i) * 600_000,
+                0.123456789,
+                3,
+            ));
+        }
+        let bytes = w.finish(
+            "cluster-01",
+            "rule-baseline+disk-bb@rule-baseline@1,disk-bb@v2",
+        );
+        assert!(bytes.len() < 512 * 1024, "{} bytes", bytes.len());
+        assert_eq!(ScoreBatch::decode(&bytes).unwrap().scores.len(), 2000);
+    }
+}
