@@ -307,16 +307,15 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
             }
             for p in &parts {
                 inner.transform.forget_partition(*p);
-                inner.assigned.remove(p);
+                if inner.assigned.remove(p) {
+                    // a delta, not a set: several loops may share the metrics
+                    shared.metrics.assigned_partitions.dec();
+                }
                 let _ = shared
                     .metrics
                     .consumer_lag
                     .remove_label_values(&[&p.to_string()]);
             }
-            shared
-                .metrics
-                .assigned_partitions
-                .set(inner.assigned.len() as i64);
             // With incremental (cooperative) rebalancing some partitions stay:
             // the aborted batch touched their state and positions too.
             if aborted && !inner.assigned.is_empty() {
@@ -334,12 +333,10 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
                 let mut inner = shared.lock();
                 for p in &parts {
                     inner.transform.forget_partition(*p);
-                    inner.assigned.insert(*p);
+                    if inner.assigned.insert(*p) {
+                        shared.metrics.assigned_partitions.inc();
+                    }
                 }
-                shared
-                    .metrics
-                    .assigned_partitions
-                    .set(inner.assigned.len() as i64);
                 // Restore before the first record of these partitions is
                 // handed out (that happens only in a later poll).
                 if let Err(e) = restore_state(shared, &mut inner, &parts) {
@@ -658,6 +655,7 @@ impl<T: Transform + 'static> Job<T> {
             let parts: Vec<i32> = inner.assigned.iter().copied().collect();
             for part in parts {
                 inner.transform.forget_partition(part);
+                shared.metrics.assigned_partitions.dec();
             }
             inner.assigned.clear();
             inner.needs_rewind = false;

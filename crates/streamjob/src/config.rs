@@ -46,6 +46,12 @@ pub struct JobSection {
     /// alone. A model whose feature schema or `[features]` differ is refused at load.
     /// `waterbear stream --model PATH` overrides it.
     pub model: Option<PathBuf>,
+    /// Scorer loops in this process (1..=64): each is a member of the scorer
+    /// group with its own consumer, transactional producer and transform
+    /// (instance id and transactional id suffixed `-l<i>` from the second on),
+    /// so partitions are scored in parallel and one loop's commit and fetch
+    /// waits overlap another's work. They share the metrics.
+    pub scorer_loops: usize,
 }
 
 impl Default for JobSection {
@@ -57,6 +63,7 @@ impl Default for JobSection {
             decider_suffix: "-decider".into(),
             max_future_skew_ms: 5 * 60 * 1000,
             model: None,
+            scorer_loops: 1,
         }
     }
 }
@@ -95,6 +102,18 @@ pub enum JobConfigError {
         model: String,
         /// Why (names the failing check).
         source: HostModelError,
+    },
+    /// A `[job]` field out of range.
+    #[error("{path}: job.{field} = {value} is invalid: {expected}")]
+    Job {
+        /// File.
+        path: String,
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What it must be.
+        expected: &'static str,
     },
     /// `[archive]`.
     #[error("{path}: {message}")]
@@ -162,6 +181,14 @@ impl JobConfig {
                 .map_err(|e: toml::de::Error| perr(format!("[job]: {e}")))?,
             None => JobSection::default(),
         };
+        if !(1..=64).contains(&job.scorer_loops) {
+            return Err(JobConfigError::Job {
+                path: origin.to_string(),
+                field: "scorer_loops",
+                value: job.scorer_loops.to_string(),
+                expected: "an integer in 1..=64",
+            });
+        }
         let archive: ArchiveConfig = match table.remove("archive") {
             Some(v) => v
                 .try_into()
@@ -232,6 +259,21 @@ impl JobConfig {
     /// Stage 1's stream parameters (as configured).
     pub fn scorer_params(&self) -> StreamParams {
         self.params.clone()
+    }
+
+    /// The parameters of scorer loop `i` (see [`JobSection::scorer_loops`]):
+    /// loop 0 is [`JobConfig::scorer_params`]; the others get their own
+    /// instance and transactional ids, and neither create topics nor serve
+    /// metrics (loop 0 does, for all).
+    pub fn scorer_loop_params(&self, i: usize) -> StreamParams {
+        let mut p = self.params.clone();
+        if i > 0 {
+            p.instance_id = format!("{}-l{i}", p.instance_id);
+            p.transactional_id = format!("{}-l{i}", p.transactional_id);
+            p.create_topics = false;
+            p.metrics_listen = None;
+        }
+        p
     }
 
     /// Stage 2's: input = scores topic, own group, transactional id and state
@@ -363,6 +405,25 @@ mod tests {
         let e = load(&format!("[job]\nmodel = \"{MODELS}/smd-v1.json\"")).unwrap_err();
         assert!(e.to_string().contains("smd_zscore"), "{e}");
         assert!(load("[job]\nmodel = \"/nonexistent.json\"").is_err());
+    }
+
+    #[test]
+    fn scorer_loops_get_their_own_ids_and_are_checked() {
+        let c = load("[job]\nscorer_loops = 3").unwrap();
+        let ids: Vec<(String, String)> = (0..3)
+            .map(|i| {
+                let p = c.scorer_loop_params(i);
+                (p.instance_id, p.transactional_id)
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), 3, "{ids:?}");
+        assert!(c.scorer_loop_params(0).metrics_listen.is_some());
+        assert!(c.scorer_loop_params(2).metrics_listen.is_none());
+        for bad in ["0", "65"] {
+            let e = load(&format!("[job]\nscorer_loops = {bad}")).unwrap_err();
+            assert!(e.to_string().contains("job.scorer_loops"), "{e}");
+        }
     }
 
     #[test]

@@ -47,6 +47,30 @@ pub enum JobError {
     /// The archiver's thread panicked.
     #[error("archive thread: {0}")]
     ArchiveTask(String),
+    /// A loop's task panicked or was cancelled.
+    #[error("job task: {0}")]
+    Task(String),
+}
+
+/// Runs one exactly-once loop as a task until `rx` says stop; a failed loop
+/// tells the others to stop through `fail`.
+fn spawn_loop<T: waterbear_stream::Transform + 'static>(
+    params: waterbear_stream::StreamParams,
+    transform: T,
+    metrics: Metrics,
+    mut rx: tokio::sync::watch::Receiver<bool>,
+    fail: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+) -> tokio::task::JoinHandle<Result<waterbear_stream::RunSummary, waterbear_stream::StreamError>> {
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = rx.wait_for(|v| *v).await;
+        };
+        let r = run_with_metrics(params, transform, stop, metrics).await;
+        if r.is_err() {
+            let _ = fail.send(true);
+        }
+        r
+    })
 }
 
 /// Header with the validation error kind on DLQ records (the message is in
@@ -82,16 +106,12 @@ where
         shutdown.await;
         let _ = stop.send(true);
     });
-    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
-    let scorer_params = cfg.scorer_params();
     let decider_params = cfg.decider_params(role == Role::Both);
     // The decider's topics first: the scores topic must exist before the
     // scorer produces to it.
     if cfg.stream.topics.create {
         waterbear_stream::ensure_topics(&decider_params).await?;
-        waterbear_stream::ensure_topics(&scorer_params).await?;
+        waterbear_stream::ensure_topics(&cfg.scorer_params()).await?;
     }
     // The archive runs beside the scorer (it reads the same telemetry topic).
     let archiver = match (&cfg.archive, role) {
@@ -117,39 +137,50 @@ where
         }
         _ => None,
     };
-    match role {
-        Role::Scorer => {
-            let s = run_with_metrics(scorer_params, cfg.scorer(), wait(rx), scorer_metrics).await?;
-            tracing::info!(?s, "scorer stopped");
+    // Every loop runs as its own task; if one fails, all stop (the process
+    // exits non-zero).
+    let mut loops = Vec::new();
+    if matches!(role, Role::Scorer | Role::Both) {
+        for i in 0..cfg.job.scorer_loops {
+            let h = spawn_loop(
+                cfg.scorer_loop_params(i),
+                cfg.scorer(),
+                scorer_metrics.clone(),
+                rx.clone(),
+                tx.clone(),
+            );
+            loops.push(("scorer", h));
         }
-        Role::Decider => {
-            let s =
-                run_with_metrics(decider_params, cfg.decider(), wait(rx), decider_metrics).await?;
-            tracing::info!(?s, "decider stopped");
+    }
+    if matches!(role, Role::Decider | Role::Both) {
+        let h = spawn_loop(
+            decider_params,
+            cfg.decider(),
+            decider_metrics,
+            rx.clone(),
+            tx.clone(),
+        );
+        loops.push(("decider", h));
+    }
+    let mut first_err = None;
+    for (what, h) in loops {
+        match h.await {
+            Ok(Ok(s)) => tracing::info!(loop_ = what, summary = ?s, "stopped"),
+            Ok(Err(e)) => {
+                tracing::error!(loop_ = what, error = %e, "failed");
+                first_err.get_or_insert(JobError::Stream(e));
+            }
+            Err(e) => {
+                first_err.get_or_insert(JobError::Task(format!("{what}: {e}")));
+            }
         }
-        Role::Both => {
-            // If one loop fails, stop the other too (the process exits non-zero).
-            let (ta, tb) = (tx.clone(), tx.clone());
-            let (scorer, decider, rxa) = (cfg.scorer(), cfg.decider(), rx.clone());
-            let a = async move {
-                let r = run_with_metrics(scorer_params, scorer, wait(rxa), scorer_metrics).await;
-                if r.is_err() {
-                    let _ = ta.send(true);
-                }
-                r
-            };
-            let b = async move {
-                let r = run_with_metrics(decider_params, decider, wait(rx), decider_metrics).await;
-                if r.is_err() {
-                    let _ = tb.send(true);
-                }
-                r
-            };
-            let (a, b) = tokio::join!(a, b);
-            tracing::info!(scorer = ?a, decider = ?b, "stopped");
-            a?;
-            b?;
+    }
+    if let Some(e) = first_err {
+        if let Some(h) = archiver {
+            let _ = tx.send(true);
+            let _ = h.await;
         }
+        return Err(e);
     }
     if let Some(h) = archiver {
         let _ = tx.send(true);

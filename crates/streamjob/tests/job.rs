@@ -262,8 +262,8 @@ fn malformed_records_go_to_the_dlq() {
     }
 }
 
-/// (5) Two instances in one group, one SIGKILLed and not restarted: the other
-/// takes over its partitions and nothing is lost. Budgets never bind here
+/// (5) Two instances in one group, each with two scorer loops, one SIGKILLed
+/// and not restarted: the other takes over its partitions and nothing is lost. Budgets never bind here
 /// (max_per_fault_domain large) so the decision ids do not depend on how the
 /// scores of different partitions interleave.
 /// A policy whose hosts do not influence each other: no budget, rate limit,
@@ -298,7 +298,12 @@ fn survivor_takes_over_from_a_killed_instance() {
     let parts = 3;
     create_topic(&names.telemetry, parts);
     let dir = tmpdir();
-    let cfg = names.write_config(&dir, parts, &format!("\n{UNCOUPLED_POLICY}"));
+    // two scorer loops per instance: four scorer members for three partitions
+    let cfg = names.write_config(
+        &dir,
+        parts,
+        &format!("scorer_loops = 2\n{UNCOUPLED_POLICY}"),
+    );
     let log = dir.join(format!("{}.log", names.id));
     let tel = names.telemetry.clone();
     let fid = format!("feed-{}", names.id);
