@@ -187,6 +187,39 @@ fn over(e: Expr) -> Result<Expr, TrainError> {
     e.over([col(DRIVE_KEY)]).map_err(pe("window expression"))
 }
 
+// The frame is sorted by drive, so "within the drive" can be computed with global,
+// vectorised expressions and a boundary mask instead of per-drive windows (`over`).
+
+/// True on the first row of each drive.
+fn drive_starts() -> Expr {
+    col(DRIVE_KEY)
+        .neq(col(DRIVE_KEY).shift(lit(1)))
+        .fill_null(lit(true))
+}
+
+fn ffill_null(e: Expr) -> Expr {
+    e.fill_null_with_strategy(FillNullStrategy::Forward(None))
+}
+
+/// `e - e.shift(1)` within the drive, 0 on its first row.
+fn in_drive_diff(e: Expr) -> Expr {
+    when(drive_starts())
+        .then(lit(0.0))
+        .otherwise(e.clone() - e.shift(lit(1)))
+}
+
+/// Forward fill within the drive: a value never crosses into the next drive.
+fn ffill_in_drive(e: Expr) -> Expr {
+    let source = ffill_null(
+        when(e.clone().is_not_null())
+            .then(col(DRIVE_KEY))
+            .otherwise(lit(NULL).cast(DataType::UInt32)),
+    );
+    when(source.eq(col(DRIVE_KEY)))
+        .then(ffill_null(e))
+        .otherwise(lit(NULL))
+}
+
 /// Per critical SMART attribute ([`CRIT`] order): its (level, delta, rise in the
 /// window, hours since the last rise) features, as [`SMART_FEATURES`] lists them.
 fn smart_groups() -> Vec<(Feature, Feature, Feature, Feature)> {
@@ -209,9 +242,7 @@ pub fn feature_pipeline(lf: LazyFrame, p: &FeatureParams) -> Result<LazyFrame, T
     let cap = p.hours_cap;
     let mut ffill = Vec::new();
     for c in SMART_USED {
-        ffill.push(over(
-            col(c).fill_null_with_strategy(FillNullStrategy::Forward(None)),
-        )?);
+        ffill.push(ffill_in_drive(col(c)).alias(c));
     }
     let complete = SMART_USED
         .iter()
@@ -229,18 +260,10 @@ pub fn feature_pipeline(lf: LazyFrame, p: &FeatureParams) -> Result<LazyFrame, T
     for (k, (level, delta, _, _)) in groups.iter().enumerate() {
         let c = col(CRIT[k]).cast(DataType::Float64);
         first.push(c.clone().alias(feat(*level)));
-        first.push(
-            over(c.clone() - c.shift(lit(1)))?
-                .fill_null(lit(0.0))
-                .alias(feat(*delta)),
-        );
+        first.push(in_drive_diff(c).alias(feat(*delta)));
     }
     let ts = col("_ts_h");
-    first.push(
-        over(ts.clone() - ts.clone().shift(lit(1)))?
-            .fill_null(lit(0.0))
-            .alias(feat(Feature::DtHours)),
-    );
+    first.push(in_drive_diff(ts.clone()).alias(feat(Feature::DtHours)));
     first.push(
         col("smart_9_raw")
             .cast(DataType::Float64)
@@ -260,8 +283,15 @@ pub fn feature_pipeline(lf: LazyFrame, p: &FeatureParams) -> Result<LazyFrame, T
         )?
         .alias(feat(Feature::TempEwma)),
     );
+    // rows of the drive so far: global row count minus the count at the drive's start
+    let k = ts.clone().cum_count(false).cast(DataType::Int64);
+    let k0 = ffill_null(
+        when(drive_starts())
+            .then(k.clone())
+            .otherwise(lit(NULL).cast(DataType::Int64)),
+    );
     first.push(
-        over(ts.clone().cum_count(false))?
+        (k - k0 + lit(1i64))
             .cast(DataType::Float64)
             .alias(feat(Feature::RecordsSeen)),
     );
@@ -273,20 +303,26 @@ pub fn feature_pipeline(lf: LazyFrame, p: &FeatureParams) -> Result<LazyFrame, T
         let pos = when(d.clone().gt(lit(0.0)))
             .then(d.clone())
             .otherwise(lit(0.0));
-        second.push(
-            over(pos.rolling_sum(RollingOptionsFixedWindow {
-                window_size: p.window,
-                min_periods: 1,
-                ..Default::default()
-            }))?
-            .alias(feat(*rise)),
+        // Sum of the last `window` rows of the drive, from a global running sum:
+        // S[i] - max(S[i - window], S[before the drive's first row]). The deltas are
+        // counts (integer-valued f64), so the differences are exact; S never
+        // decreases, so the max picks the drive's start when the window reaches past it.
+        let run = pos.clone().cum_sum(false);
+        let before = ffill_null(
+            when(drive_starts())
+                .then(run.clone() - pos)
+                .otherwise(lit(NULL).cast(DataType::Float64)),
         );
-        let last = over(
+        let lagged = run.clone().shift(lit(p.window as i64)).fill_null(lit(0.0));
+        let base = when(lagged.clone().gt(before.clone()))
+            .then(lagged)
+            .otherwise(before);
+        second.push((run - base).alias(feat(*rise)));
+        let last = ffill_in_drive(
             when(d.gt(lit(0.0)))
                 .then(ts.clone())
-                .otherwise(lit(NULL).cast(DataType::Float64))
-                .fill_null_with_strategy(FillNullStrategy::Forward(None)),
-        )?;
+                .otherwise(lit(NULL).cast(DataType::Float64)),
+        );
         let h = ts.clone() - last;
         second.push(
             when(h.clone().gt(lit(cap)))
