@@ -25,8 +25,11 @@ pub const SCORE_BATCH_MAX_BYTES: usize = 4 << 20;
 /// Kafka's default 1 MB `message.max.bytes`.
 pub const MAX_SCORES_PER_BATCH: u32 = 2000;
 
+/// bincode's standard config, with a limit: a length prefix claiming more than a
+/// whole batch may hold is refused before anything is allocated for it (found by
+/// the `score_batch` fuzz target: a claimed 47 TB string).
 fn cfg() -> impl Config {
-    standard()
+    standard().with_limit::<SCORE_BATCH_MAX_BYTES>()
 }
 
 /// One host's score (stage 1 -> stage 2).
@@ -282,6 +285,20 @@ mod tests {
         assert!(matches!(
             ScoreBatch::decode(&huge),
             Err(ScoreBatchError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_huge_length_prefix_is_refused_without_allocating_it() {
+        // the fuzz target's first finding: a reason's feature name claiming ~47 TB
+        let crash: &[u8] = &[
+            87, 66, 83, 66, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 73, 0, 6, 0, 0, 0, 0, 0, 0, 38,
+            253, 0, 0, 0, 0, 0, 43, 0, 0, 252, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 133, 0, 0, 0,
+            0, 76, 0, 0, 251, 0, 243, 255, 44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16,
+        ];
+        assert!(matches!(
+            ScoreBatch::decode(crash),
+            Err(ScoreBatchError::Body { .. })
         ));
     }
 
