@@ -468,43 +468,52 @@ impl Artifact {
     }
 }
 
+/// A one-tree disk artifact for tests: splits on its second input at 1
+/// (0.02 below, 0.8 at or above).
+#[cfg(test)]
+pub(crate) fn test_artifact(names: &[&str]) -> Artifact {
+    use crate::artifact::{
+        ARTIFACT_FORMAT, ARTIFACT_VERSION, DataRange, ModelBody, Tree, Validation,
+    };
+    use waterbear_features::{FeatureConfig, schema_hash};
+    Artifact {
+        format: ARTIFACT_FORMAT.into(),
+        format_version: ARTIFACT_VERSION,
+        name: "disk-test".into(),
+        version: "1".into(),
+        feature_names: names.iter().map(|s| s.to_string()).collect(),
+        schema_hash: schema_hash(names),
+        feature_params: FeatureConfig::default(),
+        training_data: DataRange {
+            source: "t".into(),
+            from: "a".into(),
+            to: "b".into(),
+            rows: 1,
+            positives: 1,
+        },
+        threshold: 0.5,
+        threshold_rule: "t".into(),
+        validation: Validation::default(),
+        training_config: serde_json::Value::Null,
+        model: ModelBody::DiskForest(Forest {
+            trees: vec![Tree {
+                feature: vec![1, 0, 0],
+                split: vec![1.0, 0.0, 0.0],
+                left: vec![1, 0, 0],
+                right: vec![2, 0, 0],
+                value: vec![0.1, 0.02, 0.8],
+            }],
+            importance: vec![0.0, 1.0],
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn tiny() -> Artifact {
-        let names = vec!["smart_5".to_string(), "smart_197_rise_w".to_string()];
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        Artifact {
-            format: ARTIFACT_FORMAT.into(),
-            format_version: ARTIFACT_VERSION,
-            name: "t".into(),
-            version: "0".into(),
-            schema_hash: schema_hash(&refs),
-            feature_names: names,
-            feature_params: FeatureConfig::default(),
-            training_data: DataRange {
-                source: "x".into(),
-                from: "a".into(),
-                to: "b".into(),
-                rows: 1,
-                positives: 1,
-            },
-            threshold: 0.5,
-            threshold_rule: "test".into(),
-            validation: Validation::default(),
-            training_config: serde_json::Value::Null,
-            model: ModelBody::DiskForest(Forest {
-                trees: vec![Tree {
-                    feature: vec![1, 0, 0],
-                    split: vec![2.0, 0.0, 0.0],
-                    left: vec![1, 0, 0],
-                    right: vec![2, 0, 0],
-                    value: vec![0.0, 0.1, 0.9],
-                }],
-                importance: vec![0.0, 1.0],
-            }),
-        }
+        test_artifact(&["smart_5", "smart_197_rise_w"])
     }
 
     #[test]
@@ -515,8 +524,8 @@ mod tests {
         let b = Artifact::read(buf.as_slice()).unwrap();
         assert_eq!(a, b);
         let f = b.forest().unwrap();
-        assert_eq!(f.score(&[0.0, 1.0]), 0.1);
-        assert_eq!(f.score(&[0.0, 2.0]), 0.9);
+        assert_eq!(f.score(&[0.0, 0.0]), 0.02);
+        assert_eq!(f.score(&[0.0, 1.0]), 0.8);
         assert!(b.smd().is_err());
     }
 

@@ -130,49 +130,23 @@ pub fn host_detector(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::{
-        ARTIFACT_FORMAT, ARTIFACT_VERSION, DataRange, Forest, ModelBody, SmdModel, Tree, Validation,
-    };
+    use crate::artifact::test_artifact;
+    use crate::artifact::{ModelBody, SmdModel};
     use crate::detector::Signature;
-    use waterbear_features::{Feature, FeatureConfig, schema_hash};
+    use waterbear_features::{Feature, FeatureConfig};
 
     fn artifact(params: FeatureConfig, body: ModelBody) -> Artifact {
-        let names = ["smart_5", "smart_197_rise_w"];
-        Artifact {
-            format: ARTIFACT_FORMAT.into(),
-            format_version: ARTIFACT_VERSION,
-            name: "disk-test".into(),
-            version: "9".into(),
-            feature_names: names.iter().map(|s| s.to_string()).collect(),
-            schema_hash: schema_hash(&names),
-            feature_params: params,
-            training_data: DataRange {
-                source: "t".into(),
-                from: "a".into(),
-                to: "b".into(),
-                rows: 1,
-                positives: 1,
-            },
-            threshold: 0.4,
-            threshold_rule: "t".into(),
-            validation: Validation::default(),
-            training_config: serde_json::Value::Null,
-            model: body,
-        }
+        let mut a = test_artifact(&["smart_5", "smart_197_rise_w"]);
+        a.version = "9".into();
+        a.threshold = 0.4;
+        a.feature_params = params;
+        a.model = body;
+        a
     }
 
+    /// smart_197_rise_w >= 1 -> 0.8, else 0.02
     fn forest() -> ModelBody {
-        // smart_197_rise_w >= 1 -> 0.8, else 0.02
-        ModelBody::DiskForest(Forest {
-            trees: vec![Tree {
-                feature: vec![1, 0, 0],
-                split: vec![1.0, 0.0, 0.0],
-                left: vec![1, 0, 0],
-                right: vec![2, 0, 0],
-                value: vec![0.1, 0.02, 0.8],
-            }],
-            importance: vec![0.0, 1.0],
-        })
+        test_artifact(&["smart_5", "smart_197_rise_w"]).model
     }
 
     #[test]

@@ -101,43 +101,9 @@ impl Detector for TrainedForest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::artifact::{
-        ARTIFACT_FORMAT, ARTIFACT_VERSION, DataRange, ModelBody, Tree, Validation,
-    };
-    use waterbear_features::{FeatureConfig, schema_hash};
 
     fn artifact(names: &[&str]) -> Artifact {
-        Artifact {
-            format: ARTIFACT_FORMAT.into(),
-            format_version: ARTIFACT_VERSION,
-            name: "disk-test".into(),
-            version: "1".into(),
-            feature_names: names.iter().map(|s| s.to_string()).collect(),
-            schema_hash: schema_hash(names),
-            feature_params: FeatureConfig::default(),
-            training_data: DataRange {
-                source: "t".into(),
-                from: "a".into(),
-                to: "b".into(),
-                rows: 1,
-                positives: 1,
-            },
-            threshold: 0.5,
-            threshold_rule: "t".into(),
-            validation: Validation::default(),
-            training_config: serde_json::Value::Null,
-            // split on the second input (smart_197_rise_w) at 1
-            model: ModelBody::DiskForest(Forest {
-                trees: vec![Tree {
-                    feature: vec![1, 0, 0],
-                    split: vec![1.0, 0.0, 0.0],
-                    left: vec![1, 0, 0],
-                    right: vec![2, 0, 0],
-                    value: vec![0.1, 0.02, 0.8],
-                }],
-                importance: vec![0.0, 1.0],
-            }),
-        }
+        crate::artifact::test_artifact(names)
     }
 
     #[test]
