@@ -248,14 +248,50 @@ impl Collector {
 }
 
 /// A job process that is SIGKILLed when dropped (a failing test must not
-/// leave it running).
-pub struct JobProc(pub Child);
+/// leave it running), with the file its stderr (its log) goes to.
+pub struct JobProc(pub Child, pub PathBuf);
+
+impl JobProc {
+    /// Spawns `cmd` with stderr appended to `log` and stdout discarded.
+    pub fn spawn(cmd: &mut std::process::Command, log: &std::path::Path) -> Self {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        Self(child, log.to_path_buf())
+    }
+}
+
+/// Lines of a job's log shown when a test fails while the job is alive.
+const LOG_TAIL_LINES: usize = 80;
 
 impl Drop for JobProc {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
             let _ = self.0.kill();
             let _ = self.0.wait();
+        }
+        // A failing test says why the job stalled: the job's own log is in a
+        // temporary file that CI output would not show otherwise.
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(LOG_TAIL_LINES);
+            eprintln!(
+                "---- last {} lines of job log {} ----",
+                lines.len() - from,
+                self.1.display()
+            );
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+            eprintln!("---- end of job log ----");
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 pub use waterbear_kafka_testkit::*;
 
@@ -183,21 +183,13 @@ pub fn assert_exactly_once(expected: &BTreeMap<Vec<u8>, Vec<Vec<u8>>>, outputs: 
 
 /// Spawns the example job binary.
 pub fn spawn_job(config: &Path, instance: &str, log: &Path) -> JobProc {
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    JobProc(
+    JobProc::spawn(
         Command::new(env!("CARGO_BIN_EXE_stream-echo"))
             .arg("--config")
             .arg(config)
             .arg("--instance-id")
             .arg(instance)
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn stream-echo"),
+            .env("RUST_LOG", "info,librdkafka=warn"),
+        log,
     )
 }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 pub use waterbear_kafka_testkit::*;
@@ -97,23 +97,15 @@ decider_state_topic = "ds-{id}"
 
 /// Spawns `waterbear-stream-job stream --role both`.
 pub fn spawn_job(config: &Path, instance: &str, log: &Path) -> JobProc {
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    JobProc(
+    JobProc::spawn(
         Command::new(env!("CARGO_BIN_EXE_waterbear-stream-job"))
             .arg("stream")
             .arg("--config")
             .arg(config)
             .arg("--instance-id")
             .arg(instance)
-            .env("RUST_LOG", "info,librdkafka=warn")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn waterbear-stream-job"),
+            .env("RUST_LOG", "info,librdkafka=warn"),
+        log,
     )
 }
 
