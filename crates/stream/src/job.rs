@@ -487,6 +487,49 @@ struct Job<T: Transform + 'static> {
     shared: Arc<Shared<T>>,
     consumer: BaseConsumer<Ctx<T>>,
     started: Instant,
+    watch: StallWatch,
+}
+
+/// Liveness of the group consumer. librdkafka can stop fetching assigned
+/// partitions after a broker restart while reporting no error (known upstream:
+/// confluentinc/librdkafka#5153, fede1024/rust-rdkafka#597; the fix there is a
+/// new client). A consumer that hands out nothing for [`stall_after`] while an
+/// assigned partition has records beyond its position is replaced.
+struct StallWatch {
+    /// When the consumer last handed out a record (or was created).
+    last_record: Instant,
+    /// When the positions were last compared with the watermarks.
+    last_check: Instant,
+    /// Partitions and high watermarks at the last replacement: if a new
+    /// consumer is stuck at the same place, what is left cannot be read (e.g.
+    /// an aborted transaction at the end of the log) and replacing it again
+    /// would not help.
+    replaced_at: Option<Vec<(i32, i64)>>,
+}
+
+impl StallWatch {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            last_record: now,
+            last_check: now,
+            replaced_at: None,
+        }
+    }
+}
+
+/// How long a consumer may hand out nothing while records wait before it is
+/// taken as wedged: twice the transaction timeout (an input transaction left
+/// open holds back read_committed readers at most that long), at least 20 s.
+fn stall_after(p: &StreamParams) -> Duration {
+    (p.transaction_timeout * 2).max(Duration::from_secs(20))
+}
+
+fn offset_in(tpl: &TopicPartitionList, topic: &str, part: i32) -> Option<i64> {
+    match tpl.find_partition(topic, part)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
 }
 
 fn create_producer(p: &StreamParams, stop: &AtomicBool) -> Option<TxnProducer> {
@@ -554,6 +597,7 @@ impl<T: Transform + 'static> Job<T> {
             shared,
             consumer,
             started,
+            watch: StallWatch::new(),
         })
     }
 
@@ -591,6 +635,7 @@ impl<T: Transform + 'static> Job<T> {
             }
             match polled {
                 Some(Ok(m)) => {
+                    self.watch.last_record = Instant::now();
                     if let Err(e) = self.handle(&mut inner, &m) {
                         warn!(error = %e, "producing failed");
                         self.fail(&mut inner, &e);
@@ -599,16 +644,16 @@ impl<T: Transform + 'static> Job<T> {
                 }
                 Some(Err(e)) => {
                     debug!(error = %e, "consumer error");
-                    if self.consumer.client().fatal_error().is_some() {
+                    if let Some(why) = self.consumer_broken(&inner) {
                         drop(inner);
-                        self.recreate_consumer()?;
+                        self.recreate_consumer(&why)?;
                         continue;
                     }
                 }
                 None => {
-                    if self.consumer.client().fatal_error().is_some() {
+                    if let Some(why) = self.consumer_broken(&inner) {
                         drop(inner);
-                        self.recreate_consumer()?;
+                        self.recreate_consumer(&why)?;
                         continue;
                     }
                 }
@@ -636,17 +681,67 @@ impl<T: Transform + 'static> Job<T> {
         Ok(summary)
     }
 
-    /// Replaces a consumer that hit a fatal error (e.g. a static member
-    /// fenced after a coordinator failover): abort the open transaction,
-    /// forget all partitions, and join the group again with a new client.
-    fn recreate_consumer(&mut self) -> Result<(), StreamError> {
+    /// Why the consumer must be replaced, if it must: a fatal error (e.g. a
+    /// static member fenced after a coordinator failover), or a stall (see
+    /// [`StallWatch`]).
+    fn consumer_broken(&mut self, inner: &Inner<T>) -> Option<String> {
+        if let Some((code, reason)) = self.consumer.client().fatal_error() {
+            return Some(format!("fatal error {code}: {reason}"));
+        }
+        self.consumer_stalled(inner)
+    }
+
+    /// Compares the positions of the assigned partitions with their high
+    /// watermarks once the consumer has handed out nothing for
+    /// [`stall_after`]; says why when records wait that it does not fetch.
+    fn consumer_stalled(&mut self, inner: &Inner<T>) -> Option<String> {
+        let p = &self.shared.params;
+        let now = Instant::now();
+        let after = stall_after(p);
+        if inner.assigned.is_empty() || inner.needs_rewind {
+            self.watch.last_record = now;
+            return None;
+        }
+        if now - self.watch.last_record < after || now - self.watch.last_check < after {
+            return None;
+        }
+        self.watch.last_check = now;
+        let topic = p.telemetry_topic.as_str();
+        let positions = self.consumer.position().ok()?;
+        let committed = self.consumer.committed(p.txn_call_timeout).ok();
+        let mut behind = Vec::new();
+        for &part in &inner.assigned {
+            let (lo, hi) = self
+                .consumer
+                .fetch_watermarks(topic, part, p.txn_call_timeout)
+                .ok()?;
+            let at = offset_in(&positions, topic, part)
+                .or_else(|| committed.as_ref().and_then(|c| offset_in(c, topic, part)))
+                .unwrap_or(lo);
+            // A transaction's commit marker takes an offset: one short of the
+            // high watermark is the end.
+            if hi - at > 1 {
+                behind.push((part, hi));
+            }
+        }
+        if behind.is_empty() || self.watch.replaced_at.as_ref() == Some(&behind) {
+            return None;
+        }
+        let why = format!(
+            "no record for {:?} while partitions have records beyond the position (partition, high watermark): {behind:?}",
+            now - self.watch.last_record
+        );
+        self.watch.replaced_at = Some(behind);
+        Some(why)
+    }
+
+    /// Replaces a consumer that is broken ([`Self::consumer_broken`]): abort
+    /// the open transaction, forget all partitions, and join the group again
+    /// with a new client.
+    fn recreate_consumer(&mut self, why: &str) -> Result<(), StreamError> {
         let shared = self.shared.clone();
-        let (code, reason) = self
-            .consumer
-            .client()
-            .fatal_error()
-            .unwrap_or((RDKafkaErrorCode::Fail, String::new()));
-        warn!(%code, reason, "consumer hit a fatal error; recreating it");
+        warn!(why, "replacing the consumer");
+        shared.metrics.consumer_replaced.inc();
         {
             let mut inner = shared.lock();
             if inner.batch.open {
@@ -668,6 +763,9 @@ impl<T: Transform + 'static> Job<T> {
         // The old client is dropped (closed) without holding the lock: its
         // close may run the revoke callback.
         drop(std::mem::replace(&mut self.consumer, consumer));
+        let now = Instant::now();
+        self.watch.last_record = now;
+        self.watch.last_check = now;
         Ok(())
     }
 

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub assigned_partitions: IntGauge,
     /// `waterbear_stream_rebalances_total`.
     pub rebalances: IntCounter,
+    /// `waterbear_stream_consumer_replaced_total`: group consumers replaced after a
+    /// fatal error or a stall.
+    pub consumer_replaced: IntCounter,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -127,6 +130,11 @@ impl Metrics {
         .expect("valid metric");
         let rebalances = IntCounter::new("waterbear_stream_rebalances_total", "Rebalance events")
             .expect("valid metric");
+        let consumer_replaced = IntCounter::new(
+            "waterbear_stream_consumer_replaced_total",
+            "Group consumers replaced after a fatal error or a stall",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(records_in.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(records_out.clone()),
@@ -139,6 +147,7 @@ impl Metrics {
             Box::new(restore_seconds.clone()),
             Box::new(assigned_partitions.clone()),
             Box::new(rebalances.clone()),
+            Box::new(consumer_replaced.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -155,6 +164,7 @@ impl Metrics {
             restore_seconds,
             assigned_partitions,
             rebalances,
+            consumer_replaced,
         }
     }
 
