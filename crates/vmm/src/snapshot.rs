@@ -225,7 +225,14 @@ mod tests {
         let st = restored
             .wait_until(Duration::from_secs(10), |s| s.counter >= counter + 5)
             .unwrap();
-        assert_eq!(st.first_progress.unwrap().1, counter + 1);
+        // The first report is the one the pause interrupted (the same value:
+        // the guest had stored it but not yet reported it) or the next tick:
+        // nothing lost, nothing counted twice (as in vm.rs's restore test).
+        let first = st.first_progress.unwrap().1;
+        assert!(
+            first == counter || first == counter + 1,
+            "{first} after {counter}"
+        );
 
         // Flip one memory byte: the memory checksum catches it.
         let mut bytes = fs::read(&path).unwrap();
