@@ -216,8 +216,9 @@ impl Forest {
     }
 }
 
-/// Per-machine model of the SMD detector: robust-ish z-scores against the train split,
-/// combined as the mean of the `top_k` largest |z|, smoothed by an EWMA.
+/// Per-machine model of the SMD detector: z-scores against the train split (and, with
+/// [`SmdModel::drift`], against the stream's own past levels), combined as the mean of the
+/// `top_k` largest |z|, smoothed by an EWMA.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MachineModel {
@@ -227,8 +228,36 @@ pub struct MachineModel {
     pub mean: Vec<f64>,
     /// Train standard deviation per metric, floored.
     pub sd: Vec<f64>,
+    /// Train median per metric: the drift references before the stream has a past
+    /// (empty without drift references).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub median: Vec<f64>,
+    /// Metrics almost constant in train (unfloored sd below [`DriftRefs::low_sd`]):
+    /// they also get the fast reference (empty without drift references).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub low: Vec<bool>,
     /// Alarm threshold on the smoothed score (from train scores only).
     pub threshold: f64,
+}
+
+/// Drift references of the SMD detector: a metric's deviation is its distance to the
+/// *closest* of the train mean and the stream's own past levels (median of all earlier
+/// rows, median of the last `slow_rows`; for metrics almost constant in train also of
+/// the last `fast_rows`), so a lasting level shift stops alarming while an anomaly of a
+/// few hours still stands out. References are refreshed every `block_rows` rows from
+/// rows before the block: row `t` never sees rows `>= t`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftRefs {
+    /// Refresh period of the references, rows (>= 1). Before the stream has this many
+    /// rows, the references are the train median.
+    pub block_rows: usize,
+    /// Window of the slow rolling median, rows (>= 1).
+    pub slow_rows: usize,
+    /// Window of the fast rolling median (near-constant metrics only), rows (>= 1).
+    pub fast_rows: usize,
+    /// Train sd (unfloored) below which a metric counts as near-constant.
+    pub low_sd: f64,
 }
 
 /// The SMD detector's settings and machines.
@@ -239,6 +268,9 @@ pub struct SmdModel {
     pub top_k: usize,
     /// Weight of the newest raw score in the EWMA smoothing, (0, 1].
     pub smooth_alpha: f64,
+    /// Drift references (none: z against the train mean only, the v1 detector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftRefs>,
     /// One model per machine.
     pub machines: Vec<MachineModel>,
 }
@@ -250,8 +282,20 @@ impl SmdModel {
     }
 }
 
+/// Mean of the `top_k` largest values of `buf` (reordered in place).
+fn top_k_mean(buf: &mut [f64], top_k: usize) -> f64 {
+    if buf.is_empty() {
+        return 0.0;
+    }
+    let n = buf.len();
+    let k = top_k.clamp(1, n);
+    buf.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
+    buf[n - k..].iter().sum::<f64>() / k as f64
+}
+
 impl MachineModel {
-    /// The unsmoothed score of one row: mean of the `top_k` largest |z|.
+    /// The unsmoothed score of one row against the train split alone: mean of the
+    /// `top_k` largest |z|.
     pub fn raw_score(&self, row: &[f64], top_k: usize, buf: &mut Vec<f64>) -> f64 {
         buf.clear();
         buf.extend(
@@ -259,13 +303,148 @@ impl MachineModel {
                 .zip(self.mean.iter().zip(&self.sd))
                 .map(|(x, (m, s))| ((x - m) / s).abs()),
         );
-        let k = top_k.clamp(1, buf.len().max(1));
-        if buf.is_empty() {
-            return 0.0;
+        top_k_mean(buf, top_k)
+    }
+}
+
+/// Median of `v` (reordered in place), numpy's convention: the mean of the two middle
+/// values of an even count.
+fn median_in_place(v: &mut [f64]) -> f64 {
+    let n = v.len();
+    debug_assert!(n > 0);
+    let (lower, mid, _) = v.select_nth_unstable_by(n / 2, |a, b| a.total_cmp(b));
+    let hi = *mid;
+    if n % 2 == 1 {
+        hi
+    } else {
+        let lo = lower.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        (lo + hi) / 2.0
+    }
+}
+
+/// An `f64` ordered by `total_cmp`, for the heaps of [`RunningMedian`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ordered(f64);
+
+impl Eq for Ordered {}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Ordered {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0.total_cmp(&other.0)
+    }
+}
+
+/// Exact median of every value pushed so far: two heaps, O(log n) a push.
+#[derive(Debug, Clone, Default)]
+struct RunningMedian {
+    /// The smaller half (max-heap); holds the extra value of an odd count.
+    low: std::collections::BinaryHeap<Ordered>,
+    /// The larger half (min-heap).
+    high: std::collections::BinaryHeap<std::cmp::Reverse<Ordered>>,
+}
+
+impl RunningMedian {
+    fn push(&mut self, x: f64) {
+        match self.low.peek() {
+            Some(top) if x > top.0 => self.high.push(std::cmp::Reverse(Ordered(x))),
+            _ => self.low.push(Ordered(x)),
         }
-        let n = buf.len();
-        buf.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
-        buf[n - k..].iter().sum::<f64>() / k as f64
+        if self.low.len() > self.high.len() + 1 {
+            let v = self.low.pop().expect("non-empty");
+            self.high.push(std::cmp::Reverse(v));
+        } else if self.high.len() > self.low.len() {
+            let std::cmp::Reverse(v) = self.high.pop().expect("non-empty");
+            self.low.push(v);
+        }
+    }
+
+    fn median(&self) -> Option<f64> {
+        let lo = self.low.peek()?.0;
+        if self.low.len() > self.high.len() {
+            Some(lo)
+        } else {
+            let hi = self.high.peek().map_or(lo, |h| h.0.0);
+            Some((lo + hi) / 2.0)
+        }
+    }
+}
+
+/// The drift references of one stream (see [`DriftRefs`]).
+#[derive(Debug, Clone)]
+struct DriftState {
+    cfg: DriftRefs,
+    /// Rows seen.
+    rows: usize,
+    /// Per metric: median of all rows seen.
+    expanding: Vec<RunningMedian>,
+    /// Per metric: the last `max(slow_rows, fast_rows)` values, oldest first.
+    recent: Vec<std::collections::VecDeque<f64>>,
+    /// References in force for the current block, per metric.
+    expanding_ref: Vec<f64>,
+    slow_ref: Vec<f64>,
+    fast_ref: Vec<f64>,
+    scratch: Vec<f64>,
+}
+
+impl DriftState {
+    fn new(cfg: DriftRefs, median: &[f64]) -> Self {
+        let n = median.len();
+        Self {
+            cfg,
+            rows: 0,
+            expanding: vec![RunningMedian::default(); n],
+            recent: vec![std::collections::VecDeque::new(); n],
+            expanding_ref: median.to_vec(),
+            slow_ref: median.to_vec(),
+            fast_ref: median.to_vec(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Refreshes the references at a block start (from rows before it).
+    fn refresh(&mut self) {
+        let block = self.cfg.block_rows.max(1);
+        if self.rows < block || self.rows % block != 0 {
+            return;
+        }
+        for j in 0..self.recent.len() {
+            if let Some(m) = self.expanding[j].median() {
+                self.expanding_ref[j] = m;
+            }
+            let recent = &self.recent[j];
+            for (w, out) in [
+                (self.cfg.slow_rows, &mut self.slow_ref[j]),
+                (self.cfg.fast_rows, &mut self.fast_ref[j]),
+            ] {
+                let w = w.min(recent.len());
+                if w == 0 {
+                    continue;
+                }
+                self.scratch.clear();
+                self.scratch.extend(recent.range(recent.len() - w..));
+                *out = median_in_place(&mut self.scratch);
+            }
+        }
+    }
+
+    /// Records a row after it was scored.
+    fn observe(&mut self, row: &[f64]) {
+        let keep = self.cfg.slow_rows.max(self.cfg.fast_rows).max(1);
+        for (j, &x) in row.iter().enumerate().take(self.recent.len()) {
+            self.expanding[j].push(x);
+            let r = &mut self.recent[j];
+            if r.len() == keep {
+                r.pop_front();
+            }
+            r.push_back(x);
+        }
+        self.rows += 1;
     }
 }
 
@@ -277,29 +456,201 @@ pub struct SmdScorer<'a> {
     alpha: f64,
     ewma: Option<f64>,
     buf: Vec<f64>,
+    drift: Option<DriftState>,
 }
 
 impl<'a> SmdScorer<'a> {
     /// A scorer that has seen nothing.
     pub fn new(smd: &SmdModel, model: &'a MachineModel) -> Self {
+        let drift = smd.drift.map(|cfg| {
+            // An artifact without medians falls back on the train mean.
+            let base = if model.median.len() == model.mean.len() {
+                &model.median
+            } else {
+                &model.mean
+            };
+            DriftState::new(cfg, base)
+        });
         Self {
             model,
             top_k: smd.top_k,
             alpha: smd.smooth_alpha,
             ewma: None,
             buf: Vec::with_capacity(model.mean.len()),
+            drift,
         }
+    }
+
+    fn raw(&mut self, row: &[f64]) -> f64 {
+        let m = self.model;
+        let Some(d) = self.drift.as_mut() else {
+            return m.raw_score(row, self.top_k, &mut self.buf);
+        };
+        d.refresh();
+        self.buf.clear();
+        for (j, &x) in row.iter().enumerate().take(m.mean.len()) {
+            let mut dev = (x - m.mean[j])
+                .abs()
+                .min((x - d.expanding_ref[j]).abs())
+                .min((x - d.slow_ref[j]).abs());
+            if m.low.get(j).copied().unwrap_or(false) {
+                dev = dev.min((x - d.fast_ref[j]).abs());
+            }
+            self.buf.push(dev / m.sd[j]);
+        }
+        d.observe(row);
+        top_k_mean(&mut self.buf, self.top_k)
     }
 
     /// Scores the next row (smoothed).
     pub fn push(&mut self, row: &[f64]) -> f64 {
-        let s = self.model.raw_score(row, self.top_k, &mut self.buf);
+        let s = self.raw(row);
         let m = match self.ewma {
             Some(m) => (1.0 - self.alpha) * m + self.alpha * s,
             None => s,
         };
         self.ewma = Some(m);
         m
+    }
+}
+
+#[cfg(test)]
+mod smd_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// numpy's median of a slice, by sorting a copy.
+    fn naive_median(v: &[f64]) -> f64 {
+        let mut s = v.to_vec();
+        s.sort_by(|a, b| a.total_cmp(b));
+        let n = s.len();
+        if n % 2 == 1 {
+            s[n / 2]
+        } else {
+            (s[n / 2 - 1] + s[n / 2]) / 2.0
+        }
+    }
+
+    /// The detector written the obvious way (as the Python research script does):
+    /// references recomputed from whole slices of the past at every block start.
+    fn naive_scores(smd: &SmdModel, m: &MachineModel, rows: &[Vec<f64>]) -> Vec<f64> {
+        let d = smd.drift.expect("drift");
+        let cols = m.mean.len();
+        let (mut e, mut s, mut f) = (m.median.clone(), m.median.clone(), m.median.clone());
+        let mut out = Vec::new();
+        let mut acc: Option<f64> = None;
+        for (t, row) in rows.iter().enumerate() {
+            if t % d.block_rows == 0 && t >= d.block_rows {
+                for j in 0..cols {
+                    let col: Vec<f64> = rows[..t].iter().map(|r| r[j]).collect();
+                    e[j] = naive_median(&col);
+                    s[j] = naive_median(&col[t.saturating_sub(d.slow_rows)..]);
+                    f[j] = naive_median(&col[t.saturating_sub(d.fast_rows)..]);
+                }
+            }
+            let mut z: Vec<f64> = (0..cols)
+                .map(|j| {
+                    let x = row[j];
+                    let mut dev = (x - m.mean[j])
+                        .abs()
+                        .min((x - e[j]).abs())
+                        .min((x - s[j]).abs());
+                    if m.low[j] {
+                        dev = dev.min((x - f[j]).abs());
+                    }
+                    dev / m.sd[j]
+                })
+                .collect();
+            z.sort_by(|a, b| b.total_cmp(a));
+            let k = smd.top_k.min(cols);
+            let raw = z[..k].iter().sum::<f64>() / k as f64;
+            let v = match acc {
+                Some(a) => smd.smooth_alpha * raw + (1.0 - smd.smooth_alpha) * a,
+                None => raw,
+            };
+            acc = Some(v);
+            out.push(v);
+        }
+        out
+    }
+
+    fn model(cols: usize, low: Vec<bool>) -> (SmdModel, MachineModel) {
+        let m = MachineModel {
+            machine: "m".into(),
+            mean: (0..cols).map(|j| 0.1 * j as f64).collect(),
+            sd: vec![0.05; cols],
+            median: (0..cols).map(|j| 0.1 * j as f64 + 0.01).collect(),
+            low,
+            threshold: 1.0,
+        };
+        let smd = SmdModel {
+            top_k: 2,
+            smooth_alpha: 0.3,
+            drift: Some(DriftRefs {
+                block_rows: 4,
+                slow_rows: 9,
+                fast_rows: 3,
+                low_sd: 0.01,
+            }),
+            machines: vec![],
+        };
+        (smd, m)
+    }
+
+    proptest! {
+        #[test]
+        fn drift_scorer_matches_the_naive_reference(
+            rows in prop::collection::vec(prop::collection::vec(0.0f64..1.0, 3), 1..60),
+            low in prop::collection::vec(any::<bool>(), 3),
+        ) {
+            let (smd, m) = model(3, low);
+            let mut sc = SmdScorer::new(&smd, &m);
+            let got: Vec<f64> = rows.iter().map(|r| sc.push(r)).collect();
+            let want = naive_scores(&smd, &m, &rows);
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert!((g - w).abs() < 1e-12, "{g} vs {w}");
+            }
+        }
+
+        #[test]
+        fn running_median_is_the_median(v in prop::collection::vec(-1e6f64..1e6, 1..200)) {
+            let mut rm = RunningMedian::default();
+            for (i, &x) in v.iter().enumerate() {
+                rm.push(x);
+                prop_assert_eq!(rm.median(), Some(naive_median(&v[..=i])));
+            }
+        }
+    }
+
+    #[test]
+    fn a_lasting_level_shift_stops_alarming_but_a_short_spike_does_not() {
+        let (smd, m) = model(3, vec![false; 3]);
+        let mut sc = SmdScorer::new(&smd, &m);
+        let base = [0.0, 0.1, 0.2];
+        let shifted = [0.5, 0.6, 0.7];
+        let mut last = 0.0;
+        for t in 0..200 {
+            let row = if t < 20 { base } else { shifted };
+            last = sc.push(&row);
+        }
+        // long after the shift the stream's own medians absorbed it
+        assert!(last < 1e-9, "shift still scores {last}");
+        // a two-row spike on top of the new level scores high
+        let spike = [0.9, 1.0, 1.1];
+        let s1 = sc.push(&spike);
+        let s2 = sc.push(&spike);
+        assert!(s2 > s1 && s1 > 1.0, "spike scores {s1} {s2}");
+        // and the v1 detector (no drift references) never forgets the shift
+        let v1 = SmdModel {
+            drift: None,
+            ..smd.clone()
+        };
+        let mut sc1 = SmdScorer::new(&v1, &m);
+        let mut last1 = 0.0;
+        for _ in 0..200 {
+            last1 = sc1.push(&shifted);
+        }
+        assert!(last1 > 5.0, "v1 absorbed the shift: {last1}");
     }
 }
 

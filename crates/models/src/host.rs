@@ -229,6 +229,7 @@ mod tests {
             ModelBody::SmdZscore(SmdModel {
                 top_k: 1,
                 smooth_alpha: 0.5,
+                drift: None,
                 machines: vec![],
             }),
         );

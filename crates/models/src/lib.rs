@@ -32,7 +32,8 @@ mod host;
 mod trained;
 
 pub use artifact::{
-    ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, ArtifactError, DataRange, Forest, MachineModel,
+    ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, ArtifactError, DataRange, DriftRefs, Forest,
+    MachineModel,
     ModelBody, SmdModel, SmdScorer, Tree, Validation,
 };
 

@@ -103,6 +103,25 @@ pub struct SmdSection {
     pub train_quantile: f64,
     /// Factor applied to that quantile (> 0).
     pub threshold_scale: f64,
+    /// Drift references (absent: z against the train split only, the v1 detector).
+    #[serde(default)]
+    pub drift: Option<DriftSection>,
+}
+
+/// `[smd.drift]`: a metric's deviation is its distance to the closest of the train mean
+/// and the stream's own past medians (all earlier rows, the last `slow_rows`, and for
+/// metrics almost constant in train the last `fast_rows`), refreshed every `block_rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSection {
+    /// Refresh period of the references, rows (>= 1).
+    pub block_rows: usize,
+    /// Slow rolling median window, rows (>= 1).
+    pub slow_rows: usize,
+    /// Fast rolling median window for near-constant metrics, rows (>= 1).
+    pub fast_rows: usize,
+    /// Train sd (unfloored) under which a metric is near-constant (>= 0).
+    pub low_sd: f64,
 }
 
 /// Checked Backblaze settings.
@@ -276,6 +295,20 @@ fn check_smd(s: &SmdSection) -> Result<SmdParams, String> {
             s.threshold_scale,
             "a finite number above 0",
         ));
+    }
+    if let Some(d) = &s.drift {
+        for (name, v) in [
+            ("smd.drift.block_rows", d.block_rows),
+            ("smd.drift.slow_rows", d.slow_rows),
+            ("smd.drift.fast_rows", d.fast_rows),
+        ] {
+            if v == 0 {
+                return Err(bad(name, v, "a whole number of rows >= 1"));
+            }
+        }
+        if !(d.low_sd.is_finite() && d.low_sd >= 0.0) {
+            return Err(bad("smd.drift.low_sd", d.low_sd, "a finite number >= 0"));
+        }
     }
     Ok(SmdParams {
         data: resolve_data(&s.data),

@@ -16,12 +16,12 @@ use crate::disk::{file_name, load_artifact, locate_model, write_artifact};
 use crate::output::SmdRow;
 use crate::{Timings, TrainError, report};
 use waterbear_models::{
-    ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, DataRange, MachineModel, ModelBody, SmdModel,
-    SmdScorer, Validation,
+    ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, DataRange, DriftRefs, MachineModel, ModelBody,
+    SmdModel, SmdScorer, Validation,
 };
 
 /// The committed SMD model used when no `--model` is given.
-pub const DEFAULT_SMD_MODEL: &str = "models/smd-v1.json";
+pub const DEFAULT_SMD_MODEL: &str = "models/smd-v2.json";
 /// The shared SMD directory.
 pub const SHARED_SMD: &str = "../shared/data/smd";
 /// Metric columns.
@@ -138,6 +138,8 @@ pub struct ZScoreValidParams {
     pub train_quantile: f64,
     /// Factor on that quantile.
     pub threshold_scale: f64,
+    /// Drift references (none: the v1 detector).
+    pub drift: Option<DriftRefs>,
 }
 
 impl ZScoreParams {
@@ -149,6 +151,12 @@ impl ZScoreParams {
             smooth_alpha: s.smooth_alpha,
             train_quantile: s.train_quantile,
             threshold_scale: s.threshold_scale,
+            drift: s.drift.map(|d| DriftRefs {
+                block_rows: d.block_rows,
+                slow_rows: d.slow_rows,
+                fast_rows: d.fast_rows,
+                low_sd: d.low_sd,
+            }),
         })
     }
 }
@@ -164,7 +172,10 @@ impl ParamGuard for ZScoreParams {
             && p.smooth_alpha <= 1.0
             && p.train_quantile > 0.0
             && p.train_quantile <= 1.0
-            && p.threshold_scale > 0.0;
+            && p.threshold_scale > 0.0
+            && p.drift.is_none_or(|d| {
+                d.block_rows >= 1 && d.slow_rows >= 1 && d.fast_rows >= 1 && d.low_sd >= 0.0
+            });
         if ok {
             Ok(p)
         } else {
@@ -183,8 +194,10 @@ impl ParamGuard for ZScoreParams {
 impl Fit<Array2<f64>, (), TrainError> for ZScoreValidParams {
     type Object = MachineModel;
 
-    /// Mean and floored standard deviation per metric of the train split; threshold at
-    /// `threshold_scale` × the `train_quantile` of the (online, smoothed) train scores.
+    /// Mean and floored standard deviation per metric of the train split (with drift
+    /// references also the median and the near-constant metrics); threshold at
+    /// `threshold_scale` × the `train_quantile` of the train split's own online, smoothed
+    /// scores (the train split scored as a stream, drift references from its own past).
     fn fit(&self, ds: &DatasetBase<Array2<f64>, ()>) -> Result<MachineModel, TrainError> {
         let x = ds.records();
         if x.nrows() < 2 {
@@ -195,25 +208,32 @@ impl Fit<Array2<f64>, (), TrainError> for ZScoreValidParams {
         }
         let n = x.nrows() as f64;
         let mean: Vec<f64> = x.columns().into_iter().map(|c| c.sum() / n).collect();
-        let sd: Vec<f64> = x
+        let sd_raw: Vec<f64> = x
             .columns()
             .into_iter()
             .zip(&mean)
-            .map(|(c, m)| {
-                (c.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / n)
-                    .sqrt()
-                    .max(self.sd_floor)
-            })
+            .map(|(c, m)| (c.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / n).sqrt())
             .collect();
+        let sd = sd_raw.iter().map(|s| s.max(self.sd_floor)).collect();
+        let (median, low) = match self.drift {
+            Some(d) => (
+                x.columns().into_iter().map(|c| median(c.to_vec())).collect(),
+                sd_raw.iter().map(|&s| s < d.low_sd).collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
         let mut model = MachineModel {
             machine: String::new(),
             mean,
             sd,
+            median,
+            low,
             threshold: 0.0,
         };
         let smd = SmdModel {
             top_k: self.top_k,
             smooth_alpha: self.smooth_alpha,
+            drift: self.drift,
             machines: vec![],
         };
         let mut scores = score_split(&smd, &model, x);
@@ -229,6 +249,11 @@ pub fn score_split(smd: &SmdModel, m: &MachineModel, x: &Array2<f64>) -> Vec<f64
         .into_iter()
         .map(|r| s.push(r.as_slice().expect("row-major")))
         .collect()
+}
+
+/// numpy's median (the mean of the two middle values of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    quantile(&mut v, 0.5)
 }
 
 fn quantile(v: &mut [f64], q: f64) -> f64 {
@@ -478,6 +503,7 @@ pub(crate) fn train_smd(
     let smd = SmdModel {
         top_k: params.top_k,
         smooth_alpha: params.smooth_alpha,
+        drift: params.drift,
         machines: models,
     };
     timings.push("fit (train splits)", t0.elapsed());

@@ -176,4 +176,13 @@ fn smd_metrics_match_the_reference() {
     };
     let out = run(py, &[&shared.join("tools/smd_eval.py"), &preds]);
     assert_eq!(smd_lines(&out), mine);
+    // The committed default (v2, drift references) on the 12 shared machines: the
+    // issue's aims, raw F1 >= 0.5 and point-adjusted F1 >= 0.9 (threshold from train
+    // scores only). Guards against a change that silently loses them.
+    let (_, _, raw_f1) = rep.total().raw.prf();
+    let (_, _, pa_f1) = rep.total().pa.prf();
+    assert!(
+        raw_f1 >= 0.5 && pa_f1 >= 0.9,
+        "pooled raw F1 {raw_f1:.4}, PA F1 {pa_f1:.4}"
+    );
 }

@@ -87,6 +87,11 @@ sd_floor = 0.02
 smooth_alpha = 0.3
 train_quantile = 0.995
 threshold_scale = 1.0
+[smd.drift]
+block_rows = 60
+slow_rows = 4320
+fast_rows = 1440
+low_sd = 0.01
 "#,
         out = dir.path().display(),
         data = common::sample_smd().display()
@@ -97,7 +102,14 @@ threshold_scale = 1.0
     };
     assert_eq!(rep.lines.len(), 3, "two machines and the total");
     let a = load_artifact(&dir.path().join("smd.json")).unwrap();
-    assert_eq!(a.smd().unwrap().machines.len(), 2);
+    let smd = a.smd().unwrap();
+    assert_eq!(smd.machines.len(), 2);
+    // the drift settings and the per-machine medians travel in the artifact
+    assert_eq!(smd.drift.map(|d| d.slow_rows), Some(4320));
+    for m in &smd.machines {
+        assert_eq!(m.median.len(), 38, "{}", m.machine);
+        assert_eq!(m.low.len(), 38, "{}", m.machine);
+    }
     let report = rep.report_dir.unwrap();
     png_ok(&report.join("f1.png"));
     png_ok(&report.join("scores.png"));
