@@ -33,8 +33,7 @@ mod trained;
 
 pub use artifact::{
     ARTIFACT_FORMAT, ARTIFACT_VERSION, Artifact, ArtifactError, DataRange, DriftRefs, Forest,
-    MachineModel,
-    ModelBody, SmdModel, SmdScorer, Tree, Validation,
+    MachineModel, ModelBody, SmdModel, SmdScorer, Tree, Validation,
 };
 
 pub use baseline::{BaselineConfig, RuleBaseline};

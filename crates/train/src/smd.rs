@@ -217,7 +217,10 @@ impl Fit<Array2<f64>, (), TrainError> for ZScoreValidParams {
         let sd = sd_raw.iter().map(|s| s.max(self.sd_floor)).collect();
         let (median, low) = match self.drift {
             Some(d) => (
-                x.columns().into_iter().map(|c| median(c.to_vec())).collect(),
+                x.columns()
+                    .into_iter()
+                    .map(|c| median(c.to_vec()))
+                    .collect(),
                 sd_raw.iter().map(|&s| s < d.low_sd).collect(),
             ),
             None => (Vec::new(), Vec::new()),
