@@ -280,7 +280,13 @@ impl Drop for JobProc {
         // A failing test says why the job stalled: the job's own log is in a
         // temporary file that CI output would not show otherwise.
         if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.1).unwrap_or_default();
+            let text = match std::fs::read_to_string(&self.1) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("job log {} unreadable: {e}", self.1.display());
+                    return;
+                }
+            };
             let lines: Vec<&str> = text.lines().collect();
             let from = lines.len().saturating_sub(LOG_TAIL_LINES);
             eprintln!(
