@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use waterbear_features::{FeatureConfig, FeatureParams};
+use waterbear_models::DriftRefs;
 
 use crate::TrainError;
 use crate::dates::{Day, parse_day};
@@ -103,25 +104,10 @@ pub struct SmdSection {
     pub train_quantile: f64,
     /// Factor applied to that quantile (> 0).
     pub threshold_scale: f64,
-    /// Drift references (absent: z against the train split only, the v1 detector).
+    /// `[smd.drift]`: drift references (absent: z against the train split only, the v1
+    /// detector); see [`DriftRefs`].
     #[serde(default)]
-    pub drift: Option<DriftSection>,
-}
-
-/// `[smd.drift]`: a metric's deviation is its distance to the closest of the train mean
-/// and the stream's own past medians (all earlier rows, the last `slow_rows`, and for
-/// metrics almost constant in train the last `fast_rows`), refreshed every `block_rows`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DriftSection {
-    /// Refresh period of the references, rows (>= 1).
-    pub block_rows: usize,
-    /// Slow rolling median window, rows (>= 1).
-    pub slow_rows: usize,
-    /// Fast rolling median window for near-constant metrics, rows (>= 1).
-    pub fast_rows: usize,
-    /// Train sd (unfloored) under which a metric is near-constant (>= 0).
-    pub low_sd: f64,
+    pub drift: Option<DriftRefs>,
 }
 
 /// Checked Backblaze settings.

@@ -151,12 +151,7 @@ impl ZScoreParams {
             smooth_alpha: s.smooth_alpha,
             train_quantile: s.train_quantile,
             threshold_scale: s.threshold_scale,
-            drift: s.drift.map(|d| DriftRefs {
-                block_rows: d.block_rows,
-                slow_rows: d.slow_rows,
-                fast_rows: d.fast_rows,
-                low_sd: d.low_sd,
-            }),
+            drift: s.drift,
         })
     }
 }
