@@ -708,7 +708,8 @@ impl<T: Transform + 'static> Job<T> {
         self.watch.last_check = now;
         let topic = p.telemetry_topic.as_str();
         let positions = self.consumer.position().ok()?;
-        let committed = self.consumer.committed(p.txn_call_timeout).ok();
+        // Asked for only when a partition has no position yet.
+        let mut committed: Option<Option<TopicPartitionList>> = None;
         let mut behind = Vec::new();
         for &part in &inner.assigned {
             let (lo, hi) = self
@@ -716,7 +717,12 @@ impl<T: Transform + 'static> Job<T> {
                 .fetch_watermarks(topic, part, p.txn_call_timeout)
                 .ok()?;
             let at = offset_in(&positions, topic, part)
-                .or_else(|| committed.as_ref().and_then(|c| offset_in(c, topic, part)))
+                .or_else(|| {
+                    committed
+                        .get_or_insert_with(|| self.consumer.committed(p.txn_call_timeout).ok())
+                        .as_ref()
+                        .and_then(|c| offset_in(c, topic, part))
+                })
                 .unwrap_or(lo);
             // A transaction's commit marker takes an offset: one short of the
             // high watermark is the end.
