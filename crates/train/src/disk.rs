@@ -60,6 +60,18 @@ pub fn score_rows(
     features: &[Feature],
     forest: &Forest,
 ) -> Vec<f64> {
+    score_rows_between(data, table, features, forest, Day::MIN, Day::MAX)
+}
+
+/// Like [`score_rows`], for the rows dated `from..=to` only (the others score 0).
+pub fn score_rows_between(
+    data: &BbData,
+    table: &FeatureTable,
+    features: &[Feature],
+    forest: &Forest,
+    from: Day,
+    to: Day,
+) -> Vec<f64> {
     let cols: Vec<&[f64]> = features
         .iter()
         .map(|&f| table.col(f).expect("a SMART feature"))
@@ -75,6 +87,10 @@ pub fn score_rows(
             s.spawn(move || {
                 let mut x = vec![0.0; cols.len()];
                 for (j, out) in chunk.iter_mut().enumerate() {
+                    let day = data.date[table.rows[start + j] as usize];
+                    if day < from || day > to {
+                        continue;
+                    }
                     for (v, c) in x.iter_mut().zip(cols.iter()) {
                         *v = c[start + j];
                     }
@@ -285,7 +301,15 @@ pub(crate) fn train_backblaze(
     //    the calibration period; the threshold meets target_far there.
     let t = Instant::now();
     let (cal_forest, _, _) = fit(&data, &table, &features, p, p.calib_from - 1, progress)?;
-    let cal_scores = score_rows(&data, &table, &features, &cal_forest);
+    // only the calibration period's rows are read below
+    let cal_scores = score_rows_between(
+        &data,
+        &table,
+        &features,
+        &cal_forest,
+        p.calib_from,
+        p.train_to,
+    );
     let threshold =
         bb::threshold_for_far(&data, &cal_scores, p.calib_from, p.train_to, s.target_far);
     let cal = bb::evaluate_alarms(
