@@ -5,7 +5,7 @@
 //! ```text
 //! scripts/with-kafka.sh cargo run --release -p waterbear-streamjob --example job_bench -- --records 1000000
 //! ```
-//! 1. produce: the simulator's telemetry (wire JSON, key = host id) into a
+//! 1. produce: the simulator's telemetry (`--wire json|binary`, key = host id) into a
 //!    fresh telemetry topic;
 //! 2. ceiling: a bare read_committed consumer reads it all;
 //! 3. end to end: the job (role both) from start until the scorer has
@@ -30,6 +30,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use waterbear_policy::Decision;
 use waterbear_sim::{Fleet, SimConfig};
 use waterbear_stream::Metrics;
+use waterbear_streamjob::cli::Wire;
 use waterbear_streamjob::simulate::{send, telemetry_producer};
 use waterbear_streamjob::{JobConfig, Role, ScoreBatch, run_job_with_metrics};
 
@@ -53,6 +54,9 @@ struct Args {
     /// Base config.
     #[arg(long, default_value = "pipelines/streaming.toml")]
     config: String,
+    /// Telemetry encoding the producer writes.
+    #[arg(long, value_enum, default_value_t = Wire::Json)]
+    wire: Wire,
 }
 
 fn now_us() -> u64 {
@@ -165,7 +169,7 @@ async fn main() {
     while !fleet.done() && m < args.records {
         fleet.step(&mut step);
         for r in &step {
-            send(&prod, &cfg.params.telemetry_topic, r).unwrap();
+            send(&prod, &cfg.params.telemetry_topic, r, args.wire.into()).unwrap();
         }
         m += step.len();
     }
@@ -298,7 +302,7 @@ async fn main() {
             sent.lock()
                 .unwrap()
                 .insert((r.host_id.clone(), r.ts_ms), now_us());
-            send(&prod, &cfg.params.telemetry_topic, r).unwrap();
+            send(&prod, &cfg.params.telemetry_topic, r, args.wire.into()).unwrap();
             i += 1;
         }
     }

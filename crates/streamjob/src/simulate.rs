@@ -10,7 +10,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use waterbear_sim::{Fleet, SimConfig};
 use waterbear_stream::StreamParams;
-use waterbear_telemetry::{HostRecord, encode_to_vec};
+use waterbear_telemetry::{HostRecord, WireFormat, encode_to_vec};
 
 /// What to simulate and where to send it.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct SimulateOptions {
     pub file: Option<PathBuf>,
     /// Records per second; 0 = as fast as possible.
     pub rate: u64,
+    /// Encoding of the records sent to Kafka (the file is always NDJSON).
+    pub wire: WireFormat,
 }
 
 /// A simulate failure.
@@ -103,9 +105,14 @@ pub fn telemetry_producer(p: &StreamParams) -> Result<BaseProducer, KafkaError> 
     c.create()
 }
 
-/// Sends one record, waiting while the producer queue is full.
-pub fn send(prod: &BaseProducer, topic: &str, rec: &HostRecord) -> Result<(), KafkaError> {
-    let bytes = encode_to_vec(rec);
+/// Sends one record in `wire` format, waiting while the producer queue is full.
+pub fn send(
+    prod: &BaseProducer,
+    topic: &str,
+    rec: &HostRecord,
+    wire: WireFormat,
+) -> Result<(), KafkaError> {
+    let bytes = wire.encode_to_vec(rec);
     send_raw(prod, topic, rec.host_id.as_bytes(), &bytes)
 }
 
@@ -147,7 +154,7 @@ pub fn simulate(opts: &SimulateOptions) -> Result<u64, SimulateError> {
         for rec in &step {
             bucket.take();
             if let Some((prod, topic)) = &prod {
-                send(prod, topic, rec)?;
+                send(prod, topic, rec, opts.wire)?;
                 if n % 1024 == 0 {
                     prod.poll(Duration::ZERO);
                 }

@@ -9,7 +9,7 @@ use common::*;
 use rand::Rng;
 use waterbear_pipeline::PipelineConfig;
 use waterbear_streamjob::simulate::sim_records;
-use waterbear_telemetry::{HostRecord, decode, encode_to_vec};
+use waterbear_telemetry::{HostRecord, decode, encode_binary_to_vec, encode_to_vec};
 
 /// (1) N simulated records in -> exactly the in-process pipeline's decisions
 /// (ids and contents), read_committed. One partition per stage, so the
@@ -189,6 +189,16 @@ fn malformed_records_go_to_the_dlq() {
         ),
         (vec![b' '; 70 * 1024], "oversized"),
         (
+            {
+                // a binary record damaged after it was encoded
+                let mut b = encode_binary_to_vec(&base);
+                let last = b.len() - 1;
+                b[last] ^= 0x01;
+                b
+            },
+            "checksum",
+        ),
+        (
             encode_to_vec(&{
                 let mut r = base.clone();
                 r.ecc_corrected = 1;
@@ -215,8 +225,14 @@ fn malformed_records_go_to_the_dlq() {
     // a record whose key is not its host id
     input.push((b"other".to_vec(), encode_to_vec(&good(3))));
     bad.push((encode_to_vec(&good(3)), "key_mismatch"));
+    // JSON and binary records mix in one topic
     for i in 3..6 {
-        input.push((key.clone(), encode_to_vec(&good(i))));
+        let bytes = if i == 4 {
+            encode_binary_to_vec(&good(i))
+        } else {
+            encode_to_vec(&good(i))
+        };
+        input.push((key.clone(), bytes));
         good_n += 1;
     }
     let mut feeder = TxnFeeder::new(&format!("feed-{}", names.id));

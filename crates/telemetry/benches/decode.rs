@@ -1,7 +1,7 @@
 //! Wire decoding per record: `cargo bench -p waterbear-telemetry --bench decode`.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use waterbear_telemetry::{HostRecord, decode, encode_to_vec};
+use waterbear_telemetry::{HostRecord, decode, encode_binary_to_vec, encode_to_vec};
 
 fn bench(c: &mut Criterion) {
     let bytes = encode_to_vec(&HostRecord::example("host-00042", 1_767_225_600_000));
@@ -9,6 +9,10 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     g.bench_function("decode_valid", |b| {
         b.iter(|| decode(std::hint::black_box(&bytes)).unwrap())
+    });
+    let bin = encode_binary_to_vec(&HostRecord::example("host-00042", 1_767_225_600_000));
+    g.bench_function("decode_binary_valid", |b| {
+        b.iter(|| decode(std::hint::black_box(&bin)).unwrap())
     });
     g.bench_function("decode_path_tracking", |b| {
         b.iter(|| {

@@ -26,6 +26,15 @@ pub enum ValidationError {
         /// Version this build reads.
         supported: u32,
     },
+    /// A binary record whose body does not match its checksum (damaged in transit or
+    /// at the source).
+    #[error("binary record checksum {computed:#010x} does not match the stored {stored:#010x}")]
+    ChecksumMismatch {
+        /// CRC-32 stored in the header.
+        stored: u32,
+        /// CRC-32 of the body as received.
+        computed: u32,
+    },
     /// A required field is absent.
     #[error("missing field `{field}`")]
     MissingField {
@@ -133,6 +142,7 @@ impl ValidationError {
             Self::Oversized { .. } => "oversized",
             Self::Malformed { .. } => "malformed",
             Self::UnsupportedVersion { .. } => "unsupported_version",
+            Self::ChecksumMismatch { .. } => "checksum",
             Self::MissingField { .. } => "missing_field",
             Self::UnknownField { .. } => "unknown_field",
             Self::WrongType { .. } => "wrong_type",

@@ -38,4 +38,7 @@ pub use arrow::arrow_schema;
 pub use error::ValidationError;
 pub use record::{CRITICAL_SMART, HostRecord, VmInfo};
 pub use validate::{LastAccepted, Limits, Validator, check_host};
-pub use wire::{JSON_SCHEMA_V1, MAX_RECORD_BYTES, WIRE_VERSION, decode, encode, encode_to_vec};
+pub use wire::{
+    BINARY_MAGIC, BINARY_VERSION, JSON_SCHEMA_V1, MAX_RECORD_BYTES, WIRE_VERSION, WireFormat,
+    decode, encode, encode_binary, encode_binary_to_vec, encode_to_vec,
+};

@@ -28,16 +28,120 @@ pub fn encode_to_vec(rec: &HostRecord) -> Vec<u8> {
     buf
 }
 
-/// Decodes and statically validates one record.
+/// First bytes of a record in the binary layout. A JSON record starts with `{` or
+/// whitespace, so one decoder reads both.
+pub const BINARY_MAGIC: [u8; 4] = *b"WBHR";
+/// Binary layout version this build writes and reads.
+pub const BINARY_VERSION: u16 = 1;
+/// Magic, version (u16 LE), CRC-32 of the body (u32 LE).
+const BINARY_HEADER: usize = 10;
+
+/// bincode's standard config (varint integers, f64 as 8 bytes) with a limit, so a
+/// length prefix that claims more than a record may hold allocates nothing.
+fn bincode_cfg() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_RECORD_BYTES>()
+}
+
+/// Writes one record in the binary layout, Firecracker style:
 ///
-/// Order of checks: size, JSON syntax and shape, version, fields, values
-/// ([`HostRecord::check`]). Stateful checks are [`crate::Validator`]'s.
+/// ```text
+/// "WBHR" | version u16 LE | CRC-32 (IEEE) of the body u32 LE | body: bincode (standard) of the record
+/// ```
+///
+/// About a third of the JSON's size and several times faster to decode
+/// (`cargo bench -p waterbear-telemetry --bench decode`); the fields, their checks and
+/// [`WIRE_VERSION`] in `v` are the same as the JSON's.
+pub fn encode_binary<W: Write>(rec: &HostRecord, mut out: W) -> std::io::Result<()> {
+    out.write_all(&encode_binary_to_vec(rec))
+}
+
+/// Encodes one record in the binary layout into a fresh buffer.
+pub fn encode_binary_to_vec(rec: &HostRecord) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(256);
+    buf.extend_from_slice(&BINARY_MAGIC);
+    buf.extend_from_slice(&BINARY_VERSION.to_le_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    // Writing into a Vec cannot fail and a HostRecord always serialises.
+    bincode::serde::encode_into_std_write(rec, &mut buf, bincode_cfg())
+        .expect("serialising a HostRecord into memory cannot fail");
+    let crc = crc32fast::hash(&buf[BINARY_HEADER..]);
+    buf[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// The two encodings [`decode`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WireFormat {
+    /// One JSON object (the default: readable with any Kafka tool).
+    #[default]
+    Json,
+    /// The binary layout of [`encode_binary`].
+    Binary,
+}
+
+impl WireFormat {
+    /// Encodes one record in this format.
+    pub fn encode_to_vec(self, rec: &HostRecord) -> Vec<u8> {
+        match self {
+            Self::Json => encode_to_vec(rec),
+            Self::Binary => encode_binary_to_vec(rec),
+        }
+    }
+}
+
+fn decode_binary(bytes: &[u8]) -> Result<HostRecord, ValidationError> {
+    if bytes.len() < BINARY_HEADER {
+        return Err(ValidationError::Malformed {
+            message: format!(
+                "binary record of {} bytes is shorter than its {BINARY_HEADER}-byte header",
+                bytes.len()
+            ),
+        });
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != BINARY_VERSION {
+        return Err(ValidationError::UnsupportedVersion {
+            found: u64::from(version),
+            supported: u32::from(BINARY_VERSION),
+        });
+    }
+    let stored = u32::from_le_bytes(bytes[6..BINARY_HEADER].try_into().expect("4 bytes"));
+    let body = &bytes[BINARY_HEADER..];
+    let computed = crc32fast::hash(body);
+    if stored != computed {
+        return Err(ValidationError::ChecksumMismatch { stored, computed });
+    }
+    let (rec, used): (HostRecord, usize) = bincode::serde::decode_from_slice(body, bincode_cfg())
+        .map_err(|e| ValidationError::Malformed {
+        message: format!("binary record body: {e}"),
+    })?;
+    if used != body.len() {
+        return Err(ValidationError::Malformed {
+            message: format!(
+                "binary record body: {} bytes after the record",
+                body.len() - used
+            ),
+        });
+    }
+    rec.check()?;
+    Ok(rec)
+}
+
+/// Decodes and statically validates one record, JSON or binary ([`encode_binary`]:
+/// told apart by [`BINARY_MAGIC`]).
+///
+/// Order of checks: size; for JSON: syntax and shape, version, fields; for binary:
+/// header, version, checksum, body; then values ([`HostRecord::check`]). Stateful
+/// checks are [`crate::Validator`]'s.
 pub fn decode(bytes: &[u8]) -> Result<HostRecord, ValidationError> {
     if bytes.len() > MAX_RECORD_BYTES {
         return Err(ValidationError::Oversized {
             size: bytes.len(),
             limit: MAX_RECORD_BYTES,
         });
+    }
+    if bytes.starts_with(&BINARY_MAGIC) {
+        return decode_binary(bytes);
     }
     // serde also accepts a struct written as a JSON array; the wire format does not.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
@@ -364,6 +468,104 @@ mod tests {
             .collect();
         vm_fields.sort();
         assert_eq!(vm_fields, vec!["id".to_owned(), "mem_mib".to_owned()]);
+    }
+
+    #[test]
+    fn binary_round_trip_and_size() {
+        let rec = HostRecord::example("host-1", 1_700_000_000_000);
+        let bin = encode_binary_to_vec(&rec);
+        assert!(bin.starts_with(&BINARY_MAGIC));
+        assert_eq!(decode(&bin).unwrap(), rec);
+        let json = encode_to_vec(&rec);
+        assert!(
+            bin.len() * 2 < json.len(),
+            "{} vs {}",
+            bin.len(),
+            json.len()
+        );
+        assert_eq!(WireFormat::Binary.encode_to_vec(&rec), bin);
+        assert_eq!(WireFormat::Json.encode_to_vec(&rec), json);
+        let mut via_writer = Vec::new();
+        encode_binary(&rec, &mut via_writer).unwrap();
+        assert_eq!(via_writer, bin);
+    }
+
+    #[test]
+    fn binary_errors_are_typed() {
+        let rec = HostRecord::example("host-1", 1_700_000_000_000);
+        let bin = encode_binary_to_vec(&rec);
+        // every single corrupted byte of the body is caught by the checksum
+        for i in BINARY_HEADER..bin.len() {
+            let mut bad = bin.clone();
+            bad[i] ^= 0x5a;
+            assert_eq!(decode(&bad).unwrap_err().kind(), "checksum", "byte {i}");
+        }
+        let mut v2 = bin.clone();
+        v2[4] = 2;
+        assert_eq!(
+            decode(&v2).unwrap_err(),
+            ValidationError::UnsupportedVersion {
+                found: 2,
+                supported: 1
+            }
+        );
+        assert_eq!(decode(&bin[..7]).unwrap_err().kind(), "malformed");
+        // a body cut short, with a checksum that matches it
+        let mut cut = bin[..bin.len() - 5].to_vec();
+        let crc = crc32fast::hash(&cut[BINARY_HEADER..]);
+        cut[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        let e = decode(&cut).unwrap_err();
+        assert!(matches!(e, ValidationError::Malformed { .. }), "{e:?}");
+        // trailing bytes, checksum fixed up
+        let mut long = bin.clone();
+        long.extend_from_slice(&[0, 0]);
+        let crc = crc32fast::hash(&long[BINARY_HEADER..]);
+        long[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        assert!(
+            decode(&long)
+                .unwrap_err()
+                .to_string()
+                .contains("2 bytes after the record")
+        );
+        // the value checks of the JSON path apply
+        let mut r = rec.clone();
+        r.cpu_util = 1.5;
+        assert_eq!(
+            decode(&encode_binary_to_vec(&r)).unwrap_err().kind(),
+            "out_of_range"
+        );
+        r.cpu_util = f64::NAN;
+        assert_eq!(
+            decode(&encode_binary_to_vec(&r)).unwrap_err().kind(),
+            "non_finite"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn binary_decode_never_panics(tail in proptest::collection::vec(proptest::num::u8::ANY, 0..600), fix_crc in proptest::bool::ANY) {
+            let mut bytes = BINARY_MAGIC.to_vec();
+            bytes.extend_from_slice(&BINARY_VERSION.to_le_bytes());
+            bytes.extend_from_slice(&[0; 4]);
+            bytes.extend_from_slice(&tail);
+            if fix_crc {
+                let crc = crc32fast::hash(&bytes[BINARY_HEADER..]);
+                bytes[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+            }
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn binary_records_round_trip(cpu in 0.0f64..=1.0, lat in 0.0f64..1000.0, s5 in 0u64..u64::MAX, ts in 0i64..4_000_000_000_000, vms in 0usize..40, host in "[a-z][a-z0-9-]{0,30}") {
+            let mut rec = HostRecord::example(&host, ts);
+            rec.cpu_util = cpu;
+            rec.disk_latency_ms = lat;
+            rec.smart_5_raw = s5;
+            rec.vms = (0..vms).map(|i| crate::VmInfo { id: format!("{host}-vm{i}"), mem_mib: 1024 + i as u32 }).collect();
+            let bin = encode_binary_to_vec(&rec);
+            proptest::prop_assert_eq!(decode(&bin).unwrap(), rec.clone());
+            proptest::prop_assert_eq!(decode(&encode_to_vec(&rec)).unwrap(), rec);
+        }
     }
 
     proptest::proptest! {
