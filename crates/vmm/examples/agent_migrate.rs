@@ -31,6 +31,7 @@ fn spawn_agent(tag: &str) -> SocketAddr {
         resume_state: None,
         exec_args: None,
         announce: false,
+        prepared_ttl: waterbear_vmm::DEFAULT_PREPARED_TTL,
     };
     std::thread::spawn(move || run_host_agent(cfg).expect("agent"));
     let end = Instant::now() + Duration::from_secs(10);

@@ -68,7 +68,15 @@ pub struct AgentConfig {
     pub exec_args: Option<Vec<OsString>>,
     /// Print `listening on ADDR` to stdout once bound.
     pub announce: bool,
+    /// How long memory prepared for an incoming VM ([`Request::PrepareIncoming`]) is
+    /// kept when no migration claims it (e.g. the executor rolled back or chose another
+    /// target); then it is released.
+    pub prepared_ttl: Duration,
 }
+
+/// Default of [`AgentConfig::prepared_ttl`]: a migration normally follows its
+/// preparation within seconds.
+pub const DEFAULT_PREPARED_TTL: Duration = Duration::from_secs(600);
 
 /// Command-line arguments of the agent, for `wb-host-agent` and for the main
 /// binary's `waterbear host-agent` subcommand (flatten this struct; it must
@@ -84,6 +92,10 @@ pub struct HostAgentArgs {
     /// Internal: resume from a phase-3 state file.
     #[arg(long, hide = true)]
     pub resume_state: Option<PathBuf>,
+    /// Milliseconds memory prepared for an incoming VM is kept if no migration
+    /// claims it.
+    #[arg(long, default_value_t = DEFAULT_PREPARED_TTL.as_millis() as u64)]
+    pub prepared_ttl_ms: u64,
 }
 
 impl HostAgentArgs {
@@ -95,6 +107,7 @@ impl HostAgentArgs {
             resume_state: self.resume_state,
             exec_args: None,
             announce: true,
+            prepared_ttl: Duration::from_millis(self.prepared_ttl_ms),
         }
     }
 }
@@ -213,6 +226,8 @@ pub enum Response {
     Pong {
         pid: u32,
         generation: u64,
+        /// Names of the VMs memory is prepared for (not yet claimed or expired).
+        prepared: Vec<String>,
     },
     Vms {
         vms: Vec<VmInfo>,
@@ -427,8 +442,9 @@ struct Agent {
     big_op: Mutex<()>,
     /// Highest executor epoch seen (see [`Request::Fenced`]).
     epoch: Mutex<u64>,
-    /// Memory prepared for incoming VMs, by name (see [`Request::PrepareIncoming`]).
-    prepared: Mutex<BTreeMap<String, Arc<GuestMemory>>>,
+    /// Memory prepared for incoming VMs, by name (see [`Request::PrepareIncoming`]),
+    /// with when it was prepared.
+    prepared: Mutex<BTreeMap<String, (Arc<GuestMemory>, Instant)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -524,12 +540,33 @@ impl Agent {
         }
     }
 
+    /// Releases prepared memory that no migration claimed within the TTL.
+    fn expire_prepared(&self, now: Instant) {
+        let ttl = self.config.prepared_ttl;
+        let mut expired = Vec::new();
+        lock(&self.prepared).retain(|name, (_, at)| {
+            let keep = now.saturating_duration_since(*at) < ttl;
+            if !keep {
+                expired.push(name.clone());
+            }
+            keep
+        });
+        for name in expired {
+            self.event(format!(
+                "released memory prepared for incoming VM {name}: not claimed within {} ms",
+                ttl.as_millis()
+            ));
+        }
+    }
+
     fn handle(self: &Arc<Self>, req: Request, conn: &TcpStream) -> Result<Response, AgentError> {
         lock(&self.metrics).requests += 1;
+        self.expire_prepared(Instant::now());
         match req {
             Request::Ping => Ok(Response::Pong {
                 pid: std::process::id(),
                 generation: self.generation.load(Ordering::SeqCst),
+                prepared: lock(&self.prepared).keys().cloned().collect(),
             }),
             Request::List => Ok(Response::Vms { vms: self.list() }),
             Request::StartVm {
@@ -649,7 +686,10 @@ impl Agent {
                     .try_clone()
                     .map_err(io_step("cloning the connection"))?;
                 let opts = IncomingOptions {
-                    prepared: lock(&self.prepared).clone(),
+                    prepared: lock(&self.prepared)
+                        .iter()
+                        .map(|(name, (mem, _))| (name.clone(), Arc::clone(mem)))
+                        .collect(),
                     ..IncomingOptions::default()
                 };
                 let (vm, report) = migration::migrate_in(stream, &opts)?;
@@ -659,7 +699,7 @@ impl Agent {
                     let mut pool = lock(&self.prepared);
                     let hit = pool
                         .get(&report.config.name)
-                        .is_some_and(|m| Arc::ptr_eq(m, vm.memory()));
+                        .is_some_and(|(m, _)| Arc::ptr_eq(m, vm.memory()));
                     if hit {
                         pool.remove(&report.config.name);
                     }
@@ -692,7 +732,9 @@ impl Agent {
             Request::PrepareIncoming { name, mem_bytes } => {
                 let t = Instant::now();
                 let mut pool = lock(&self.prepared);
-                if pool.get(&name).is_some_and(|m| m.size() == mem_bytes) {
+                if let Some((_, at)) = pool.get_mut(&name).filter(|(m, _)| m.size() == mem_bytes) {
+                    // an executor retry: the TTL starts again
+                    *at = Instant::now();
                     return Ok(Response::Prepared {
                         name: name.clone(),
                         mem_bytes,
@@ -705,7 +747,7 @@ impl Agent {
                 mem.populate().map_err(|e| {
                     AgentError::Remote(format!("populating memory for {name}: {e}"))
                 })?;
-                pool.insert(name.clone(), Arc::new(mem));
+                pool.insert(name.clone(), (Arc::new(mem), Instant::now()));
                 drop(pool);
                 self.event(format!("prepared {mem_bytes} bytes for incoming VM {name}"));
                 Ok(Response::Prepared {

@@ -20,7 +20,8 @@ pub mod migration;
 pub mod snapshot;
 
 pub use agent::{
-    AgentClient, AgentConfig, AgentError, HostAgentArgs, Request, Response, run_host_agent,
+    AgentClient, AgentConfig, AgentError, DEFAULT_PREPARED_TTL, HostAgentArgs, Request, Response,
+    run_host_agent,
 };
 pub use migration::{
     IncomingOptions, IncomingReport, MigrateOptions, MigrationError, MigrationReport, migrate_in,

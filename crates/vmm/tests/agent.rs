@@ -21,10 +21,15 @@ struct AgentProc {
 
 impl AgentProc {
     fn spawn() -> Self {
+        Self::spawn_with(&[])
+    }
+
+    fn spawn_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_wb-host-agent"))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -293,6 +298,48 @@ fn migration_into_memory_the_target_prepared() {
         panic!()
     };
     assert!(!reused, "the migration consumed the prepared memory");
+}
+
+/// Memory prepared for a migration that never comes (the executor rolled back or
+/// picked another target) is released after the TTL, and preparing again allocates.
+#[test]
+fn unclaimed_prepared_memory_is_released_after_its_ttl() {
+    let b = AgentProc::spawn_with(&["--prepared-ttl-ms", "1500"]);
+    let mut cb = b.client();
+    let prepare = Request::PrepareIncoming {
+        name: "never".into(),
+        mem_bytes: 64 << 20,
+    };
+    let Response::Prepared { reused, .. } = cb.call(&prepare).unwrap() else {
+        panic!()
+    };
+    assert!(!reused);
+    let held = |c: &mut AgentClient| {
+        let Response::Pong { prepared, .. } = c.call(&Request::Ping).unwrap() else {
+            panic!()
+        };
+        prepared
+    };
+    let t0 = Instant::now();
+    let first = held(&mut cb);
+    // unless this machine stalled for the whole TTL, the memory is still held
+    if t0.elapsed() < Duration::from_millis(1000) {
+        assert_eq!(first, vec!["never".to_string()]);
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while !held(&mut cb).is_empty() {
+        assert!(Instant::now() < end, "prepared memory was never released");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1000),
+        "released before its TTL ({:?})",
+        t0.elapsed()
+    );
+    let Response::Prepared { reused, .. } = cb.call(&prepare).unwrap() else {
+        panic!()
+    };
+    assert!(!reused, "expired memory is not reused");
 }
 
 #[test]
