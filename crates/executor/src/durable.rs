@@ -80,16 +80,9 @@ pub struct DurableExecutor<B: Backend> {
 }
 
 impl<B: Backend> DurableExecutor<B> {
-    /// An executor over `backend`; takes a new epoch from `journal`, and hands the
-    /// backend every host the journal says was taken out of rotation
-    /// ([`Backend::restore_marked_out`]).
-    pub fn new(journal: Arc<Journal>, mut backend: B, keys: Keyring) -> Result<Self, ExecError> {
+    /// An executor over `backend`; takes a new epoch from `journal`.
+    pub fn new(journal: Arc<Journal>, backend: B, keys: Keyring) -> Result<Self, ExecError> {
         let epoch = journal.acquire_epoch()?;
-        for rec in journal.ops()? {
-            if rec.steps.iter().any(|s| matches!(s.step, Step::MarkedOut)) {
-                backend.restore_marked_out(&rec.signed.decision.host_id);
-            }
-        }
         Ok(Self {
             journal,
             backend,

@@ -643,10 +643,6 @@ impl Backend for KvmBackend {
         }
     }
 
-    fn restore_marked_out(&mut self, host: &str) {
-        self.out_of_rotation.insert(host.to_owned());
-    }
-
     fn rollback(&mut self, op: &mut OpLog<'_>, host: &str) -> Result<(), BackendError> {
         let src = self.host(host)?.agent.clone();
         for vm in op.vms() {

@@ -200,14 +200,6 @@ pub trait Backend {
     ) -> Result<OpReport, BackendError> {
         self.live_migrate(host, accept)
     }
-
-    /// Tells the backend that a journaled operation took `host` out of rotation
-    /// (a `marked_out` step), so that a restarted executor never picks it as a
-    /// target again. [`DurableExecutor::new`] calls it for every such host; the
-    /// default has no rotation to restore.
-    fn restore_marked_out(&mut self, host: &str) {
-        let _ = host;
-    }
 }
 
 /// The outcome of one decision.
