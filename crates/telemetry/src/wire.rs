@@ -490,6 +490,14 @@ mod tests {
         assert_eq!(via_writer, bin);
     }
 
+    /// `bytes` (a binary header and any body) with the header's CRC set to match the
+    /// body, so the decoder gets past the checksum to what follows.
+    fn with_matching_crc(mut bytes: Vec<u8>) -> Vec<u8> {
+        let crc = crc32fast::hash(&bytes[BINARY_HEADER..]);
+        bytes[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        bytes
+    }
+
     #[test]
     fn binary_errors_are_typed() {
         let rec = HostRecord::example("host-1", 1_700_000_000_000);
@@ -511,16 +519,13 @@ mod tests {
         );
         assert_eq!(decode(&bin[..7]).unwrap_err().kind(), "malformed");
         // a body cut short, with a checksum that matches it
-        let mut cut = bin[..bin.len() - 5].to_vec();
-        let crc = crc32fast::hash(&cut[BINARY_HEADER..]);
-        cut[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        let cut = with_matching_crc(bin[..bin.len() - 5].to_vec());
         let e = decode(&cut).unwrap_err();
         assert!(matches!(e, ValidationError::Malformed { .. }), "{e:?}");
         // trailing bytes, checksum fixed up
         let mut long = bin.clone();
         long.extend_from_slice(&[0, 0]);
-        let crc = crc32fast::hash(&long[BINARY_HEADER..]);
-        long[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+        let long = with_matching_crc(long);
         assert!(
             decode(&long)
                 .unwrap_err()
@@ -549,8 +554,7 @@ mod tests {
             bytes.extend_from_slice(&[0; 4]);
             bytes.extend_from_slice(&tail);
             if fix_crc {
-                let crc = crc32fast::hash(&bytes[BINARY_HEADER..]);
-                bytes[6..BINARY_HEADER].copy_from_slice(&crc.to_le_bytes());
+                bytes = with_matching_crc(bytes);
             }
             let _ = decode(&bytes);
         }
