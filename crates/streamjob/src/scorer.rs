@@ -89,16 +89,23 @@ impl Scorer {
             self.max_future_skew_ms,
         )?;
         let params = &self.params;
+        // A known host is looked up without copying its id.
+        if !self.hosts.contains_key(rec.host_id.as_bytes()) {
+            self.hosts.insert(
+                rec.host_id.as_bytes().to_vec(),
+                Slot {
+                    partition,
+                    snap: HostSnapshot {
+                        features: HostState::new(params),
+                        last: None,
+                    },
+                },
+            );
+        }
         let slot = self
             .hosts
-            .entry(rec.host_id.as_bytes().to_vec())
-            .or_insert_with(|| Slot {
-                partition,
-                snap: HostSnapshot {
-                    features: HostState::new(params),
-                    last: None,
-                },
-            });
+            .get_mut(rec.host_id.as_bytes())
+            .expect("inserted above");
         slot.partition = partition;
         slot.snap.last = Some(last);
         slot.snap.features.update(rec, params, &mut self.fv);

@@ -184,14 +184,22 @@ impl HostRecord {
             });
         }
         for (i, vm) in self.vms.iter().enumerate() {
-            check_id(&format!("vms[{i}].id"), &vm.id)?;
+            // The field name is formatted only for an error: this runs for
+            // every VM of every record.
+            if !id_ok(&vm.id) {
+                check_id(&format!("vms[{i}].id"), &vm.id)?;
+            }
         }
         Ok(())
     }
 }
 
+fn id_ok(value: &str) -> bool {
+    !value.is_empty() && value.len() <= MAX_ID_LEN
+}
+
 fn check_id(field: &str, value: &str) -> Result<(), ValidationError> {
-    if value.is_empty() || value.len() > MAX_ID_LEN {
+    if !id_ok(value) {
         return Err(ValidationError::BadIdentifier {
             field: field.to_owned(),
             len: value.len(),
