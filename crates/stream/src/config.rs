@@ -46,6 +46,11 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError 
     }
 }
 
+/// Top-level sections of `pipelines/streaming.toml` that belong to the
+/// waterbear job (`crates/streamjob`), which reads the same file; see
+/// [`StreamConfig::from_toml_str_skipping`].
+pub const JOB_SECTIONS: &[&str] = &["job", "archive", "features", "baseline", "policy"];
+
 /// The `[kafka]`, `[topics]`, `[partitions]`, `[batch]` and `[metrics]`
 /// sections of `pipelines/streaming.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -288,6 +293,28 @@ impl StreamConfig {
         })
     }
 
+    /// Like [`StreamConfig::from_toml_str`] for a file that also holds other
+    /// components' top-level sections, named in `skip` (which are dropped
+    /// unread), e.g. [`JOB_SECTIONS`] of `pipelines/streaming.toml`. Every
+    /// other unknown field is still an error.
+    pub fn from_toml_str_skipping(
+        text: &str,
+        origin: &str,
+        skip: &[&str],
+    ) -> Result<Self, ConfigError> {
+        let perr = |message: String| ConfigError::Parse {
+            path: origin.to_string(),
+            message,
+        };
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| perr(e.to_string()))?;
+        for k in skip {
+            table.remove(*k);
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| perr(e.to_string()))
+    }
+
     /// Applies environment overrides: `KAFKA_BOOTSTRAP` replaces
     /// `kafka.brokers`, `WATERBEAR_INSTANCE_ID` replaces an empty
     /// `kafka.instance_id`.
@@ -484,7 +511,9 @@ mod tests {
     const EXAMPLE_TEXT: &str = include_str!("../../../pipelines/streaming.toml");
 
     fn example() -> StreamConfig {
-        let mut c = StreamConfig::from_toml_str(EXAMPLE_TEXT, "streaming.toml").unwrap();
+        let mut c =
+            StreamConfig::from_toml_str_skipping(EXAMPLE_TEXT, "streaming.toml", JOB_SECTIONS)
+                .unwrap();
         c.kafka.instance_id = "test-0".into();
         c
     }

@@ -348,9 +348,40 @@ mod tests {
 
     const MODELS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models");
 
+    const SHIPPED: &str = include_str!("../../../pipelines/streaming.toml");
+
+    /// The shipped file with the sections of `extra` merged over it (a table
+    /// such as `[job]` may appear in both).
     fn load(extra: &str) -> Result<JobConfig, JobConfigError> {
-        let base = include_str!("../../../pipelines/streaming.toml");
-        JobConfig::from_toml_str(&format!("{base}\n{extra}"), "test.toml", Some("t"))
+        let mut base: toml::Table = toml::from_str(SHIPPED).unwrap();
+        let extra: toml::Table = toml::from_str(extra).unwrap();
+        for (section, v) in extra {
+            match (base.get_mut(&section), v) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
+                (_, v) => {
+                    base.insert(section, v);
+                }
+            }
+        }
+        JobConfig::from_toml_str(&toml::to_string(&base).unwrap(), "test.toml", Some("t"))
+    }
+
+    #[test]
+    fn the_shipped_file_runs_two_scorer_loops_and_stream_echo_reads_it_too() {
+        let c = load("").unwrap();
+        assert_eq!(c.job.scorer_loops, 2);
+        assert_eq!(c.params.batch_max_records, 50_000);
+        // stream-echo's view: the job's sections skipped, the rest checked
+        let s = StreamConfig::from_toml_str_skipping(
+            SHIPPED,
+            "streaming.toml",
+            waterbear_stream::JOB_SECTIONS,
+        )
+        .unwrap();
+        assert_eq!(s.batch.max_records, 50_000);
+        // without skipping, [job] is an unknown field of the Kafka config
+        let e = StreamConfig::from_toml_str(SHIPPED, "streaming.toml").unwrap_err();
+        assert!(e.to_string().contains("job"), "{e}");
     }
 
     #[test]

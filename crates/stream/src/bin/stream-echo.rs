@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use waterbear_stream::echo::EchoUpper;
-use waterbear_stream::{StreamConfig, run, shutdown_signal};
+use waterbear_stream::{JOB_SECTIONS, StreamConfig, run, shutdown_signal};
 
 #[derive(Parser)]
 struct Args {
@@ -36,7 +36,13 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let mut cfg = StreamConfig::from_file(&args.config)?;
+    // The file may also carry the waterbear job's sections: not ours.
+    let text = std::fs::read_to_string(&args.config)?;
+    let mut cfg = StreamConfig::from_toml_str_skipping(
+        &text,
+        &args.config.display().to_string(),
+        JOB_SECTIONS,
+    )?;
     cfg.apply_env();
     if let Some(id) = args.instance_id {
         cfg.kafka.instance_id = id;
