@@ -8,6 +8,11 @@ use waterbear::{DemoConfig, DemoOptions, run_demo};
 
 mod train_cmd;
 
+/// mimalloc: the streaming job frees and allocates a few small strings per
+/// record (docs/benchmarks-stream.md measured it against glibc's malloc).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "waterbear",
