@@ -80,10 +80,11 @@ pub struct DurableExecutor<B: Backend> {
 }
 
 impl<B: Backend> DurableExecutor<B> {
-    /// An executor over `backend`; takes a new epoch from `journal`.
+    /// An executor over `backend`; takes a new epoch from `journal`, and hands
+    /// the backend the hosts the journal has out of rotation.
     pub fn new(journal: Arc<Journal>, backend: B, keys: Keyring) -> Result<Self, ExecError> {
         let epoch = journal.acquire_epoch()?;
-        Ok(Self {
+        let mut ex = Self {
             journal,
             backend,
             keys,
@@ -91,7 +92,28 @@ impl<B: Backend> DurableExecutor<B> {
             backoff: Backoff::default(),
             crash_after: None,
             crash: None,
-        })
+        };
+        ex.sync_rotation()?;
+        Ok(ex)
+    }
+
+    /// Hands the backend the journal's out-of-rotation hosts (the journal is
+    /// the truth: an operator may return a host from another process).
+    fn sync_rotation(&mut self) -> Result<(), ExecError> {
+        let out = self.journal.out_of_rotation()?;
+        self.backend.set_out_of_rotation(out.into_keys().collect());
+        Ok(())
+    }
+
+    /// Returns `host` to rotation (e.g. after a repair), journaled with
+    /// `reason`; whether it was out. Migrations may target it again.
+    pub fn return_to_rotation(&mut self, host: &str, reason: &str) -> Result<bool, ExecError> {
+        let was_out = self.journal.return_to_rotation(host, reason)?;
+        self.sync_rotation()?;
+        if was_out {
+            tracing::info!(host, reason, "returned to rotation");
+        }
+        Ok(was_out)
     }
 
     /// Arms a crash point (testing): `crash(point)` is called once `point`
@@ -176,6 +198,7 @@ impl<B: Backend> DurableExecutor<B> {
                 (_, Some(report)) => return Ok(report),
             },
         };
+        self.sync_rotation()?;
         if rec.steps.len() == 1 && self.crash_after.as_deref() == Some("accepted") {
             if let Some(crash) = &self.crash {
                 crash("accepted");
@@ -191,6 +214,7 @@ impl<B: Backend> DurableExecutor<B> {
         &mut self,
         accept: &dyn Fn(&str) -> bool,
     ) -> Result<Vec<Result<ExecutionReport, ExecError>>, ExecError> {
+        self.sync_rotation()?;
         let mut out = Vec::new();
         for rec in self.journal.unfinished()? {
             if let Err(e) = auth::verify(&rec.signed, &self.keys) {

@@ -16,6 +16,7 @@
 //! fencing epoch inside the same write transaction that records it, so a step
 //! is either recorded in order by the current epoch holder or not at all.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -31,6 +32,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("ops");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 const REJECTIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("rejections");
+/// Hosts out of rotation: host id -> [`OutOfRotation`]. Written with the
+/// `marked_out` step that takes a host out (one transaction), removed by
+/// [`Journal::return_to_rotation`].
+const ROTATION: TableDefinition<&str, &[u8]> = TableDefinition::new("out_of_rotation");
 
 /// One step of an operation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -497,6 +502,29 @@ pub enum Event {
         /// The new epoch.
         epoch: u64,
     },
+    /// An operator returned a host to rotation ([`Journal::return_to_rotation`]).
+    ReturnedToRotation {
+        /// Sequence number.
+        seq: u64,
+        /// The host.
+        host: String,
+        /// The operation that had taken it out.
+        taken_out_by: String,
+        /// Why (free text, e.g. the repair ticket).
+        reason: String,
+        /// Wall clock, ms since the epoch.
+        unix_ms: i64,
+    },
+}
+
+/// Why a host is out of rotation: the operation whose `marked_out` step took
+/// it out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutOfRotation {
+    /// The operation.
+    pub op_id: String,
+    /// When its `marked_out` step was recorded, ms since the epoch.
+    pub unix_ms: i64,
 }
 
 /// Journal errors; each names the step that failed.
@@ -628,6 +656,7 @@ impl Journal {
             st!(txn.open_table(OPS), "creating the ops table")?;
             st!(txn.open_table(EVENTS), "creating the events table")?;
             st!(txn.open_table(REJECTIONS), "creating the rejections table")?;
+            st!(txn.open_table(ROTATION), "creating the rotation table")?;
         }
         st!(txn.commit(), "committing the table setup")?;
         Ok(Self { db, path: shown })
@@ -760,6 +789,21 @@ impl Journal {
                 source,
             });
         }
+        if matches!(step, Step::MarkedOut) {
+            // The host leaves rotation in the same transaction as the step.
+            let mut rot = st!(txn.open_table(ROTATION), "opening rotation for a step")?;
+            let why = OutOfRotation {
+                op_id: op_id.to_owned(),
+                unix_ms,
+            };
+            st!(
+                rot.insert(
+                    rec.signed.decision.host_id.as_str(),
+                    encode(&why).as_slice()
+                ),
+                "taking the host out of rotation"
+            )?;
+        }
         let record = StepRecord {
             epoch,
             unix_ms,
@@ -790,6 +834,59 @@ impl Journal {
         drop((ops, ev, meta));
         st!(txn.commit(), "committing a step")?;
         Ok((rec, created))
+    }
+
+    /// The hosts out of rotation, by host id: each was taken out by a
+    /// journaled `marked_out` step and not returned since. A restarted
+    /// executor never picks one of them as a migration target.
+    pub fn out_of_rotation(&self) -> Result<BTreeMap<String, OutOfRotation>, JournalError> {
+        let txn = st!(self.db.begin_read(), "beginning a read of the rotation")?;
+        let t = st!(txn.open_table(ROTATION), "opening rotation")?;
+        let mut out = BTreeMap::new();
+        for item in st!(t.iter(), "iterating the rotation")? {
+            let (k, v) = st!(item, "reading a rotation entry")?;
+            out.insert(
+                k.value().to_owned(),
+                decode(v.value(), "decoding a rotation entry")?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Returns `host` to rotation (an operator's command, e.g. after a
+    /// repair), logging who had taken it out and `reason` as an event.
+    /// Returns whether it was out; returning a host in rotation changes
+    /// nothing and logs nothing.
+    pub fn return_to_rotation(&self, host: &str, reason: &str) -> Result<bool, JournalError> {
+        let txn = st!(self.db.begin_write(), "beginning a return to rotation")?;
+        {
+            let mut rot = st!(txn.open_table(ROTATION), "opening rotation for a return")?;
+            let removed: Option<OutOfRotation> = st!(
+                rot.remove(host),
+                "removing the host from the rotation table"
+            )?
+            .map(|v| decode(v.value(), "decoding a rotation entry"))
+            .transpose()?;
+            let Some(was) = removed else {
+                return Ok(false);
+            };
+            let mut meta = st!(txn.open_table(META), "opening meta for a return")?;
+            let seq = next_seq(&mut meta)?;
+            let mut ev = st!(txn.open_table(EVENTS), "opening events for a return")?;
+            let event = Event::ReturnedToRotation {
+                seq,
+                host: host.to_owned(),
+                taken_out_by: was.op_id,
+                reason: reason.to_owned(),
+                unix_ms: now_unix_ms(),
+            };
+            st!(
+                ev.insert(seq, encode(&event).as_slice()),
+                "logging the return"
+            )?;
+        }
+        st!(txn.commit(), "committing a return to rotation")?;
+        Ok(true)
     }
 
     /// Records a refused decision or command.
@@ -1135,6 +1232,66 @@ mod tests {
         let d = decision("h1", Action::LiveMigrate, id);
         let digest = content_digest(&d);
         (sign(&d, &key), digest)
+    }
+
+    #[test]
+    fn marked_out_hosts_stay_out_across_reopens_until_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.redb");
+        let (sd, digest) = signed("op1");
+        {
+            let j = Journal::open(&path).unwrap();
+            let e = j.acquire_epoch().unwrap();
+            j.begin(e, &sd, &digest).unwrap();
+            assert!(j.out_of_rotation().unwrap().is_empty());
+            // steps before marked_out leave the host in rotation
+            j.record("op1", e, mig("vm")[0].clone()).unwrap();
+            assert!(j.out_of_rotation().unwrap().is_empty());
+            // a refused marked_out (stale epoch) does not take it out either
+            let e2 = j.acquire_epoch().unwrap();
+            assert!(j.record("op1", e, Step::MarkedOut).is_err());
+            assert!(j.out_of_rotation().unwrap().is_empty());
+            j.record("op1", e2, Step::MarkedOut).unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let out = j.out_of_rotation().unwrap();
+        assert_eq!(out.keys().collect::<Vec<_>>(), ["h1"]);
+        assert_eq!(out["h1"].op_id, "op1");
+        // the operator returns it, once; the event names who had taken it out
+        assert!(j.return_to_rotation("h1", "disk replaced").unwrap());
+        assert!(!j.return_to_rotation("h1", "again").unwrap());
+        assert!(!j.return_to_rotation("h9", "never out").unwrap());
+        assert!(j.out_of_rotation().unwrap().is_empty());
+        let returns: Vec<_> = j
+            .events()
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::ReturnedToRotation {
+                    host,
+                    taken_out_by,
+                    reason,
+                    ..
+                } => Some((host, taken_out_by, reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            returns,
+            [(
+                "h1".to_string(),
+                "op1".to_string(),
+                "disk replaced".to_string()
+            )]
+        );
+        drop(j);
+        assert!(
+            Journal::open(&path)
+                .unwrap()
+                .out_of_rotation()
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

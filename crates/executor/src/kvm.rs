@@ -643,6 +643,10 @@ impl Backend for KvmBackend {
         }
     }
 
+    fn set_out_of_rotation(&mut self, hosts: BTreeSet<String>) {
+        self.out_of_rotation = hosts;
+    }
+
     fn rollback(&mut self, op: &mut OpLog<'_>, host: &str) -> Result<(), BackendError> {
         let src = self.host(host)?.agent.clone();
         for vm in op.vms() {

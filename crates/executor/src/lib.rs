@@ -44,7 +44,7 @@ mod oplog;
 pub use auth::{Key, Keyring, SignedDecision, sign, verify};
 pub use backoff::Backoff;
 pub use durable::{DurableExecutor, ExecError};
-pub use journal::{Journal, JournalError, OpRecord, OpStatus, Step};
+pub use journal::{Journal, JournalError, OpRecord, OpStatus, OutOfRotation, Step};
 pub use kvm::{KvmBackend, KvmHost, KvmOptions};
 pub use oplog::OpLog;
 
@@ -199,6 +199,15 @@ pub trait Backend {
         accept: &dyn Fn(&str) -> bool,
     ) -> Result<OpReport, BackendError> {
         self.live_migrate(host, accept)
+    }
+
+    /// The hosts out of rotation, as the journal has them
+    /// ([`Journal::out_of_rotation`]): a backend that picks migration targets
+    /// never picks one of them. [`DurableExecutor`] calls it when it starts,
+    /// before every decision and after [`DurableExecutor::return_to_rotation`];
+    /// the default has no targets to pick.
+    fn set_out_of_rotation(&mut self, hosts: std::collections::BTreeSet<String>) {
+        let _ = hosts;
     }
 }
 

@@ -130,6 +130,34 @@ fn sigkill_at_every_step_of_a_migration() {
             OpStatus::RolledBack => assert_eq!(now_at, at, "{point}: rolled back but moved"),
             OpStatus::InProgress => panic!("{point}: still in progress: {:?}", op.step_names()),
         }
+        // A drained host stays out of rotation (durably: every executor
+        // process starts from the journal) until the operator returns it;
+        // the next round migrates back to it.
+        let out: Vec<String> = j.out_of_rotation().unwrap().into_keys().collect();
+        if op.status() == OpStatus::Done {
+            assert_eq!(out, [host], "{point}");
+            drop(j);
+            let ret = Command::new(EXE)
+                .args(["return-host", "--journal"])
+                .arg(dir.path().join("journal.redb"))
+                .args(["--reason", "repaired", host])
+                .output()
+                .unwrap();
+            assert!(
+                ret.status.success(),
+                "{}",
+                String::from_utf8_lossy(&ret.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&ret.stdout).trim(),
+                format!("{host}: returned to rotation")
+            );
+        } else {
+            assert!(out.is_empty(), "{point}: {out:?}");
+            drop(j);
+        }
+        let j = Journal::open(dir.path().join("journal.redb")).unwrap();
+        assert!(j.out_of_rotation().unwrap().is_empty());
         // the restarted executor printed the same report the journal holds
         let printed: waterbear_executor::ExecutionReport = serde_json::from_str(
             String::from_utf8_lossy(&rerun.stdout)

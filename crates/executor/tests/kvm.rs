@@ -196,6 +196,34 @@ fn stale_executor_is_fenced_and_the_new_one_resumes() {
         other => panic!("{other:?}"),
     }
     assert!(j.audit(true).unwrap().is_empty());
+
+    // h1 is out of rotation, and a restarted executor knows it from the journal
+    // (so it never picks h1 as a migration target again) ...
+    assert!(ex3.backend().out_of_rotation().contains("h1"));
+    drop(ex3);
+    let mut ex4 = DurableExecutor::new(
+        j.clone(),
+        backend(&[("h1", &a), ("h2", &b)]),
+        Keyring::new([key()]),
+    )
+    .unwrap();
+    let out: Vec<&String> = ex4.backend().out_of_rotation().iter().collect();
+    assert_eq!(out, ["h1"]);
+    // ... until it is returned, behind the executor's back (as
+    // `wb-executor return-host` does from another process): the next
+    // decision sees it back, and h1 is the only possible target
+    assert!(j.return_to_rotation("h1", "repaired").unwrap());
+    assert!(
+        ex4.backend().out_of_rotation().contains("h1"),
+        "not yet synced"
+    );
+    let sd = signed("h2", 90, Action::LiveMigrate, 9_000);
+    let rep = ex4.execute(&sd, 9_000, 60_000, &all).unwrap();
+    assert!(rep.error.is_none(), "{rep:?}");
+    assert_eq!(runs_exactly_once(&[&a, &b], "vm-fence"), 0);
+    let out: Vec<&String> = ex4.backend().out_of_rotation().iter().collect();
+    assert_eq!(out, ["h2"], "h1 back in (and the target), h2 drained");
+    assert!(!ex4.return_to_rotation("h1", "again").unwrap());
 }
 
 #[test]

@@ -102,6 +102,19 @@ enum Command {
         #[arg(long)]
         journal: PathBuf,
     },
+    /// Return a host to rotation (e.g. after a repair): migrations may target
+    /// it again. Works while an executor runs on the same journal (it reads
+    /// the rotation before every decision).
+    ReturnHost {
+        /// Journal file.
+        #[arg(long)]
+        journal: PathBuf,
+        /// Why, kept in the journal's event log (e.g. the repair ticket).
+        #[arg(long)]
+        reason: String,
+        /// The host.
+        host: String,
+    },
     /// Run a host agent.
     HostAgent(waterbear_vmm::HostAgentArgs),
 }
@@ -164,9 +177,23 @@ fn main() -> Result<()> {
                 "epoch": j.current_epoch()?,
                 "ops": j.ops()?,
                 "rejections": j.rejections()?,
+                "out_of_rotation": j.out_of_rotation()?,
                 "audit": j.audit(false)?,
             });
             println!("{}", serde_json::to_string_pretty(&dump)?);
+            Ok(())
+        }
+        Command::ReturnHost {
+            journal,
+            reason,
+            host,
+        } => {
+            let j = Journal::open(&journal)?;
+            if j.return_to_rotation(&host, &reason)? {
+                println!("{host}: returned to rotation");
+            } else {
+                println!("{host}: was not out of rotation");
+            }
             Ok(())
         }
         Command::Run {
