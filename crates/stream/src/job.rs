@@ -509,12 +509,48 @@ struct StallWatch {
 
 impl StallWatch {
     fn new() -> Self {
-        let now = Instant::now();
+        Self::at(Instant::now())
+    }
+
+    fn at(now: Instant) -> Self {
         Self {
             last_record: now,
             last_check: now,
             replaced_at: None,
         }
+    }
+
+    /// Whether to compare positions with watermarks now: nothing handed out
+    /// for `after`, and no comparison within `after` either. With `idle`
+    /// (nothing assigned, or a rewind pending) the consumer counts as live.
+    fn check_due(&mut self, now: Instant, after: Duration, idle: bool) -> bool {
+        if idle {
+            self.last_record = now;
+            return false;
+        }
+        if now - self.last_record < after || now - self.last_check < after {
+            return false;
+        }
+        self.last_check = now;
+        true
+    }
+
+    /// The verdict on `parts` = (partition, position, high watermark): the
+    /// partitions (with their high watermarks) that have records beyond the
+    /// position, if the consumer must be replaced for them. A transaction's
+    /// commit marker takes an offset, so one short of the high watermark is
+    /// the end. Not again for the same place as the last replacement.
+    fn stalled(&mut self, parts: &[(i32, i64, i64)]) -> Option<Vec<(i32, i64)>> {
+        let behind: Vec<(i32, i64)> = parts
+            .iter()
+            .filter(|(_, at, hi)| hi - at > 1)
+            .map(|&(part, _, hi)| (part, hi))
+            .collect();
+        if behind.is_empty() || self.replaced_at.as_ref() == Some(&behind) {
+            return None;
+        }
+        self.replaced_at = Some(behind.clone());
+        Some(behind)
     }
 }
 
@@ -697,20 +733,15 @@ impl<T: Transform + 'static> Job<T> {
     fn consumer_stalled(&mut self, inner: &Inner<T>) -> Option<String> {
         let p = &self.shared.params;
         let now = Instant::now();
-        let after = stall_after(p);
-        if inner.assigned.is_empty() || inner.needs_rewind {
-            self.watch.last_record = now;
+        let idle = inner.assigned.is_empty() || inner.needs_rewind;
+        if !self.watch.check_due(now, stall_after(p), idle) {
             return None;
         }
-        if now - self.watch.last_record < after || now - self.watch.last_check < after {
-            return None;
-        }
-        self.watch.last_check = now;
         let topic = p.telemetry_topic.as_str();
         let positions = self.consumer.position().ok()?;
         // Asked for only when a partition has no position yet.
         let mut committed: Option<Option<TopicPartitionList>> = None;
-        let mut behind = Vec::new();
+        let mut parts = Vec::new();
         for &part in &inner.assigned {
             let (lo, hi) = self
                 .consumer
@@ -724,21 +755,13 @@ impl<T: Transform + 'static> Job<T> {
                         .and_then(|c| offset_in(c, topic, part))
                 })
                 .unwrap_or(lo);
-            // A transaction's commit marker takes an offset: one short of the
-            // high watermark is the end.
-            if hi - at > 1 {
-                behind.push((part, hi));
-            }
+            parts.push((part, at, hi));
         }
-        if behind.is_empty() || self.watch.replaced_at.as_ref() == Some(&behind) {
-            return None;
-        }
-        let why = format!(
+        let behind = self.watch.stalled(&parts)?;
+        Some(format!(
             "no record for {:?} while partitions have records beyond the position (partition, high watermark): {behind:?}",
             now - self.watch.last_record
-        );
-        self.watch.replaced_at = Some(behind);
-        Some(why)
+        ))
     }
 
     /// Replaces a consumer that is broken ([`Self::consumer_broken`]): abort
@@ -1154,5 +1177,57 @@ fn retry_call(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AFTER: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn the_stall_check_waits_for_silence_and_paces_itself() {
+        let t0 = Instant::now();
+        let mut w = StallWatch::at(t0);
+        let s = Duration::from_secs;
+        assert!(
+            !w.check_due(t0 + s(19), AFTER, false),
+            "not silent long enough"
+        );
+        assert!(w.check_due(t0 + s(20), AFTER, false));
+        // the next comparison waits another `after`, however silent
+        assert!(!w.check_due(t0 + s(39), AFTER, false));
+        assert!(w.check_due(t0 + s(40), AFTER, false));
+        // a record handed out restarts the silence
+        w.last_record = t0 + s(50);
+        assert!(!w.check_due(t0 + s(69), AFTER, false));
+        assert!(w.check_due(t0 + s(70), AFTER, false));
+        // with nothing assigned (or a rewind pending) the consumer is live
+        assert!(!w.check_due(t0 + s(200), AFTER, true));
+        assert_eq!(w.last_record, t0 + s(200));
+        assert!(!w.check_due(t0 + s(219), AFTER, false));
+    }
+
+    #[test]
+    fn a_consumer_is_stalled_only_with_records_beyond_its_position() {
+        let mut w = StallWatch::at(Instant::now());
+        // at the end, or one short of it (a commit marker): not stalled
+        assert_eq!(w.stalled(&[(0, 100, 100), (1, 99, 100)]), None);
+        assert_eq!(w.stalled(&[]), None);
+        // two records beyond the position on partition 1
+        assert_eq!(
+            w.stalled(&[(0, 100, 100), (1, 98, 100)]),
+            Some(vec![(1, 100)])
+        );
+        // a new consumer stuck at the same place is not replaced again (what
+        // is left cannot be read, e.g. an aborted transaction at the end) ...
+        assert_eq!(w.stalled(&[(0, 100, 100), (1, 98, 100)]), None);
+        assert_eq!(w.stalled(&[(0, 100, 100), (1, 99, 100)]), None);
+        // ... but it is once more records arrive behind it
+        assert_eq!(
+            w.stalled(&[(0, 100, 120), (1, 98, 100)]),
+            Some(vec![(0, 120), (1, 100)])
+        );
     }
 }

@@ -62,7 +62,8 @@ struct Args {
     #[arg(long, value_enum, default_value_t = Wire::Json)]
     wire: Wire,
     /// Stages of the end-to-end phase: `both` (the job), or `scorer` alone
-    /// (stage 1's own rate, for finding where the time goes).
+    /// (stage 1's own rate, for finding where the time goes). The latency
+    /// phase always runs both: it times decisions.
     #[arg(long, value_enum, default_value_t = Role::Both)]
     role: Role,
 }
