@@ -82,6 +82,7 @@ impl Scorer {
         now_ms: Option<i64>,
     ) -> Result<Score, ValidationError> {
         let slot = self.hosts.get(rec.host_id.as_bytes());
+        let known = slot.is_some();
         let last = check_host(
             rec,
             slot.and_then(|s| s.snap.last.as_ref()),
@@ -90,7 +91,7 @@ impl Scorer {
         )?;
         let params = &self.params;
         // A known host is looked up without copying its id.
-        if !self.hosts.contains_key(rec.host_id.as_bytes()) {
+        if !known {
             self.hosts.insert(
                 rec.host_id.as_bytes().to_vec(),
                 Slot {
