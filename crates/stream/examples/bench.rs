@@ -146,7 +146,13 @@ fn reader(
     cfg.set("bootstrap.servers", bootstrap)
         .set("group.id", format!("reader-{topic}"))
         .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        // As the job's consumers, so the ceiling is not held back by
+        // librdkafka's 1 s default either.
+        .set(
+            "fetch.queue.backoff.ms",
+            waterbear_stream::FETCH_QUEUE_BACKOFF_MS,
+        );
     for (k, v) in consumer_extra {
         cfg.set(k, v);
     }

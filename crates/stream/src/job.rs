@@ -149,6 +149,14 @@ pub(crate) fn base_config(p: &StreamParams) -> ClientConfig {
     c
 }
 
+/// librdkafka's `fetch.queue.backoff.ms` for every consumer of the job
+/// (overridable in `[kafka.consumer]`). Its default, 1000 ms, postpones a
+/// partition's next fetch by a whole second each time the local queue is over
+/// `queued.min.messages`: a loop that drains its queue faster than that then
+/// waits in empty polls, and did so for half its time at full load
+/// (docs/benchmarks-stream.md, "Seventh measurement").
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
+
 /// The consumer settings of the stream loops (group, read_committed, manual
 /// commits, security passthrough, `[kafka.consumer]`), for other consumers
 /// of the same topics.
@@ -170,7 +178,8 @@ pub fn consumer_config(p: &StreamParams) -> ClientConfig {
                 .to_string(),
         )
         .set("statistics.interval.ms", "5000")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
     if p.static_membership {
         c.set("group.instance.id", &p.instance_id);
     }
@@ -640,6 +649,11 @@ impl<T: Transform + 'static> Job<T> {
     fn run_loop(mut self) -> Result<RunSummary, StreamError> {
         let shared = self.shared.clone();
         let p = &shared.params;
+        // One clock read per record: the clock is a measurable share of the
+        // loop at a few hundred thousand records a second
+        // (docs/benchmarks-stream.md). `now` is read after each poll; the
+        // next poll's timeout uses it, a few microseconds stale.
+        let mut now = Instant::now();
         loop {
             if shared.stop.load(Ordering::SeqCst) {
                 break;
@@ -649,12 +663,13 @@ impl<T: Transform + 'static> Job<T> {
                 match inner.batch.started {
                     Some(s) => p
                         .batch_max_time
-                        .saturating_sub(s.elapsed())
+                        .saturating_sub(now.saturating_duration_since(s))
                         .min(Duration::from_millis(100)),
                     None => Duration::from_millis(100),
                 }
             };
             let polled = self.consumer.poll(timeout);
+            now = Instant::now();
             let mut inner = shared.lock();
             if inner.producer.is_none() {
                 inner.producer = create_producer(p, &shared.stop);
@@ -671,7 +686,7 @@ impl<T: Transform + 'static> Job<T> {
             }
             match polled {
                 Some(Ok(m)) => {
-                    self.watch.last_record = Instant::now();
+                    self.watch.last_record = now;
                     if let Err(e) = self.handle(&mut inner, &m) {
                         warn!(error = %e, "producing failed");
                         self.fail(&mut inner, &e);
@@ -699,7 +714,7 @@ impl<T: Transform + 'static> Job<T> {
                     || inner
                         .batch
                         .started
-                        .is_some_and(|s| s.elapsed() >= p.batch_max_time));
+                        .is_some_and(|s| now.saturating_duration_since(s) >= p.batch_max_time));
             if due {
                 self.commit(&mut inner);
             }
@@ -1185,6 +1200,32 @@ mod tests {
     use super::*;
 
     const AFTER: Duration = Duration::from_secs(20);
+
+    fn params(consumer: &[(&str, &str)]) -> StreamParams {
+        let mut text = include_str!("../../../pipelines/streaming.toml").to_owned();
+        for (k, v) in consumer {
+            text = text.replace(
+                "[kafka.consumer]\n",
+                &format!("[kafka.consumer]\n\"{k}\" = \"{v}\"\n"),
+            );
+        }
+        let mut c =
+            crate::StreamConfig::from_toml_str_skipping(&text, "t", crate::JOB_SECTIONS).unwrap();
+        c.kafka.instance_id = "t-0".into();
+        c.validate().unwrap()
+    }
+
+    #[test]
+    fn consumers_fetch_again_soon_unless_the_config_says_otherwise() {
+        let c = consumer_config(&params(&[]));
+        assert_eq!(
+            c.get("fetch.queue.backoff.ms"),
+            Some(FETCH_QUEUE_BACKOFF_MS)
+        );
+        assert_eq!(c.get("isolation.level"), Some("read_committed"));
+        let c = consumer_config(&params(&[("fetch.queue.backoff.ms", "500")]));
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("500"));
+    }
 
     #[test]
     fn the_stall_check_waits_for_silence_and_paces_itself() {

@@ -22,6 +22,9 @@ pub mod transform;
 
 pub use admin::ensure_topics;
 pub use config::{ConfigError, JOB_SECTIONS, StreamConfig, StreamParams};
-pub use job::{RunSummary, StreamError, consumer_config, run, run_with_metrics, shutdown_signal};
+pub use job::{
+    FETCH_QUEUE_BACKOFF_MS, RunSummary, StreamError, consumer_config, run, run_with_metrics,
+    shutdown_signal,
+};
 pub use metrics::{Metrics, serve_metrics};
 pub use transform::{DLQ_REASON_HEADER, Output, Record, Topic, Transform};

@@ -16,6 +16,11 @@
 //! 4. latency: simulator records paced at `--rate` for `--latency-secs`;
 //!    time from send to the record's score (stage 1) and to its decision
 //!    (stage 2) being visible to a read_committed reader.
+//!
+//! Phases 2 and 3 also print the CPU they used, per record: this process's
+//! (`/proc/self/stat`), the broker's (`KAFKA_PID`, else the pid file in
+//! `KAFKA_RUN_DIR` that `scripts/kafka.sh` writes) and the whole machine's
+//! (`/proc/stat`), so a ratio can be read as "how much more work per record".
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -68,6 +73,83 @@ struct Args {
     role: Role,
 }
 
+/// CPU time used so far, in clock ticks (USER_HZ): this process, the broker
+/// (when its pid is known) and the machine (busy, total over all cores).
+#[derive(Clone, Copy, Default)]
+struct CpuSample {
+    this: u64,
+    broker: Option<u64>,
+    busy: u64,
+    all: u64,
+}
+
+fn broker_pid() -> Option<u32> {
+    if let Ok(p) = std::env::var("KAFKA_PID") {
+        return p.trim().parse().ok();
+    }
+    let dir = std::env::var("KAFKA_RUN_DIR").ok()?;
+    std::fs::read_to_string(format!("{dir}/kafka.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// utime + stime of a process (fields 14 and 15 of `/proc/PID/stat`, counted
+/// after the parenthesised command name, which may contain spaces).
+fn proc_ticks(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn cpu_sample(broker: Option<u32>) -> CpuSample {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+    let all: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    CpuSample {
+        this: proc_ticks("self").unwrap_or(0),
+        broker: broker.and_then(|p| proc_ticks(&p.to_string())),
+        busy: all - idle,
+        all,
+    }
+}
+
+/// One line: CPU per record of a phase, split by who used it.
+fn cpu_line(phase: &str, a: CpuSample, b: CpuSample, records: usize, secs: f64) -> String {
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let us = |ticks: u64| ticks as f64 / hz * 1e6 / records as f64;
+    let broker = match (a.broker, b.broker) {
+        (Some(x), Some(y)) => format!("{:.2}", us(y - x)),
+        _ => "?".into(),
+    };
+    let other = match (a.broker, b.broker) {
+        (Some(x), Some(y)) => format!(
+            "{:.2}",
+            us((b.busy - a.busy).saturating_sub(b.this - a.this + y - x))
+        ),
+        _ => "?".into(),
+    };
+    format!(
+        "cpu {phase}: {:.2} core-us/record (this process {:.2}, broker {broker}, rest of the machine {other}); machine busy {:.0} % of {:.1} s",
+        us(b.busy - a.busy),
+        us(b.this - a.this),
+        100.0 * (b.busy - a.busy) as f64 / (b.all - a.all).max(1) as f64,
+        secs,
+    )
+}
+
 fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -102,7 +184,13 @@ fn reader(c: &JobConfig, topic: &str, partitions: i32) -> BaseConsumer {
     cfg.set("bootstrap.servers", &c.params.brokers)
         .set("group.id", format!("reader-{topic}"))
         .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false");
+        .set("enable.auto.commit", "false")
+        // As the job's consumers, so the ceiling is not held back by
+        // librdkafka's 1 s default either.
+        .set(
+            "fetch.queue.backoff.ms",
+            waterbear_stream::FETCH_QUEUE_BACKOFF_MS,
+        );
     for (k, v) in &c.params.consumer {
         cfg.set(k, v);
     }
@@ -194,7 +282,9 @@ async fn main() {
     );
 
     // Phase 2: ceiling.
+    let bpid = broker_pid();
     let c = reader(&cfg, &cfg.params.telemetry_topic, args.partitions);
+    let cpu0 = cpu_sample(bpid);
     let t0 = Instant::now();
     let mut n = 0;
     while n < m {
@@ -203,13 +293,17 @@ async fn main() {
         }
         assert!(t0.elapsed() < Duration::from_secs(600));
     }
-    let ceiling = m as f64 / t0.elapsed().as_secs_f64();
+    let ceiling_s = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_sample(bpid);
+    let ceiling = m as f64 / ceiling_s;
     println!("consume-only ceiling:       {ceiling:>9.0} records/s");
+    println!("{}", cpu_line("ceiling", cpu0, cpu1, m, ceiling_s));
     drop(c);
 
     // Phase 3: end to end.
     let (sm, dm) = (Metrics::new(), Metrics::new());
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let cpu0 = cpu_sample(bpid);
     let t0 = Instant::now();
     let job = tokio::spawn(run_job_with_metrics(
         cfg.clone(),
@@ -240,6 +334,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let t_end = Instant::now();
+    let cpu1 = cpu_sample(bpid);
     let e2e_s = (t_end - t0).as_secs_f64();
     let e2e = m as f64 / e2e_s;
     tx.send(()).unwrap();
@@ -251,6 +346,7 @@ async fn main() {
         batches()
     );
     println!("ratio e2e/ceiling:          {:>9.2}", e2e / ceiling);
+    println!("{}", cpu_line("end to end", cpu0, cpu1, m, e2e_s));
     if let Some((t1, n1)) = first {
         let steady = (m as u64 - n1) as f64 / (t_end - t1).as_secs_f64();
         println!(
