@@ -234,7 +234,7 @@ struct Batch {
     oldest_ts_ms: Option<i64>,
     offsets: HashMap<i32, i64>,
     /// Keys touched in this batch, per input partition.
-    dirty: HashMap<i32, HashSet<Vec<u8>>>,
+    dirty: HashMap<i32, HashSet<Vec<u8>, foldhash::fast::RandomState>>,
     records: u64,
     alerts: u64,
     other: u64,
