@@ -16,9 +16,12 @@
 //! Records that fail to decode are not archived (the scorer sends them to the
 //! DLQ) but are counted and their offsets committed like the rest.
 //!
-//! The one overlap left: in a rebalance, the instance losing a partition may
-//! finalise a file just after the new owner finalised its own file of the same
-//! name; then the two files' ranges can overlap. Readers that must be exact
+//! One archiver at a time owns a directory ([`lock_dir`]: an advisory lock on
+//! `<dir>/.waterbear-archive.lock`, released by the kernel when the process
+//! dies, even by SIGKILL). So an instance that lost a partition while it
+//! stalled (a zombie) finishes its late file in *its own* directory, never
+//! over the new owner's file of the same name: the two ranges then overlap
+//! across directories (duplicates, no loss). Readers that must be exact
 //! de-duplicate on `(host_id, ts_ms)`, which is unique per accepted record
 //! (the validator requires strictly increasing timestamps per host).
 
@@ -128,6 +131,48 @@ pub enum ArchiveError {
     /// Writing Parquet.
     #[error("archive parquet: {0}")]
     Parquet(#[from] waterbear_sim::IoError),
+    /// Another running archiver holds the directory.
+    #[error(
+        "archive.dir {dir} is in use by another running instance; give each instance its own directory"
+    )]
+    DirInUse {
+        /// The directory.
+        dir: String,
+    },
+}
+
+/// Holds a directory for one archiver while it lives ([`lock_dir`]).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+/// Takes `<dir>/.waterbear-archive.lock` (created if missing) with an
+/// exclusive, non-blocking `flock`: [`ArchiveError::DirInUse`] while another
+/// process holds it. Dropping the [`DirLock`] (or the process ending) releases it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, ArchiveError> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    let path = dir.join(".waterbear-archive.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("opening", &path))?;
+    // SAFETY: flock only takes a file descriptor, which `file` owns and keeps
+    // open for the call; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Err(ArchiveError::DirInUse {
+                dir: dir.display().to_string(),
+            });
+        }
+        return Err(io_err("locking", &path)(e));
+    }
+    Ok(DirLock { _file: file })
 }
 
 /// The archiver's counters on the job's Prometheus endpoint
@@ -200,6 +245,7 @@ pub struct Archiver {
     open: HashMap<i32, OpenFile>,
     stats: ArchiveStats,
     metrics: Option<ArchiveMetrics>,
+    _lock: DirLock,
 }
 
 fn io_err<'a>(
@@ -214,9 +260,18 @@ fn io_err<'a>(
 }
 
 impl Archiver {
-    /// Subscribes to the stream's telemetry topic in the archive group.
+    /// Takes the directory ([`lock_dir`]), deletes the unfinished files an
+    /// earlier run of this directory's archiver left ([`remove_leftovers`]),
+    /// and subscribes to the stream's telemetry topic in the archive group.
     pub fn new(stream: &StreamParams, params: ArchiveParams) -> Result<Self, ArchiveError> {
-        std::fs::create_dir_all(&params.dir).map_err(io_err("creating", &params.dir))?;
+        let lock = lock_dir(&params.dir)?;
+        let left = remove_leftovers(&params.dir)?;
+        if left > 0 {
+            tracing::info!(
+                files = left,
+                "removed unfinished archive files of an earlier run"
+            );
+        }
         let mut p = stream.clone();
         p.group_id = format!("{}{}", p.group_id, params.group_suffix);
         p.instance_id = format!("{}{}", p.instance_id, params.group_suffix);
@@ -229,6 +284,7 @@ impl Archiver {
             open: HashMap::new(),
             stats: ArchiveStats::default(),
             metrics: None,
+            _lock: lock,
         })
     }
 
@@ -458,6 +514,19 @@ mod tests {
             .find(|f| f.name() == "waterbear_archive_rows_total")
             .unwrap();
         assert_eq!(rows.get_metric()[0].get_counter().get_value(), 3.0);
+    }
+
+    #[test]
+    fn one_archiver_at_a_time_holds_a_directory() {
+        let dir = std::env::temp_dir().join(format!("wb-archive-lock-{}", std::process::id()));
+        let first = lock_dir(&dir).unwrap();
+        let e = lock_dir(&dir).unwrap_err();
+        assert!(matches!(e, ArchiveError::DirInUse { .. }), "{e:?}");
+        assert!(e.to_string().contains("archive.dir"), "{e}");
+        drop(first);
+        let again = lock_dir(&dir).expect("free once the holder is gone");
+        drop(again);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

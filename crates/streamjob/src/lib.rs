@@ -116,13 +116,6 @@ where
     // The archive runs beside the scorer (it reads the same telemetry topic).
     let archiver = match (&cfg.archive, role) {
         (Some(ap), Role::Scorer | Role::Both) => {
-            let left = archive::remove_leftovers(&ap.dir)?;
-            if left > 0 {
-                tracing::info!(
-                    files = left,
-                    "removed unfinished archive files of an earlier run"
-                );
-            }
             let a = Archiver::new(&cfg.params, ap.clone())?
                 .with_metrics(ArchiveMetrics::new(&scorer_metrics.registry));
             let (rxa, txa) = (rx.clone(), tx.clone());

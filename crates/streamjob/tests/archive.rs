@@ -101,6 +101,28 @@ fn archive_survives_sigkill_with_every_record_exactly_once() {
         );
         job = spawn_ready(&cfg, "a0", &log);
     }
+    // A second instance pointed at the same directory is refused before it
+    // joins any group, so it cannot finish files over the first one's.
+    let log2 = dir.join(format!("{}-second.log", names.id));
+    let mut second = spawn_job(&cfg, "a1", &log2);
+    let end = Instant::now() + Duration::from_secs(60);
+    let st = loop {
+        if let Some(st) = second.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < end,
+            "a second archiver on the same directory kept running (log {})",
+            log2.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let text = std::fs::read_to_string(&log2).unwrap();
+    assert!(!st.success(), "second instance exit {st}: {text}");
+    assert!(
+        text.contains("is in use by another running instance"),
+        "{text}"
+    );
     feeder.join().unwrap();
     // wait until every record is in a finished file
     let end = Instant::now() + Duration::from_secs(120);
