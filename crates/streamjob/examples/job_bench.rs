@@ -104,29 +104,39 @@ fn proc_ticks(pid: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn cpu_sample(broker: Option<u32>) -> CpuSample {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+/// `None` without a readable `/proc` (then no CPU line is printed rather
+/// than zeros that look measured).
+fn cpu_sample(broker: Option<u32>) -> Option<CpuSample> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let v: Vec<u64> = stat
         .lines()
-        .next()
-        .unwrap_or_default()
+        .next()?
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
     // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
     let all: u64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    CpuSample {
-        this: proc_ticks("self").unwrap_or(0),
+    let idle = v.get(3)? + v.get(4)?;
+    Some(CpuSample {
+        this: proc_ticks("self")?,
         broker: broker.and_then(|p| proc_ticks(&p.to_string())),
         busy: all - idle,
         all,
-    }
+    })
 }
 
 /// One line: CPU per record of a phase, split by who used it.
-fn cpu_line(phase: &str, a: CpuSample, b: CpuSample, records: usize, secs: f64) -> String {
+fn cpu_line(
+    phase: &str,
+    a: Option<CpuSample>,
+    b: Option<CpuSample>,
+    records: usize,
+    secs: f64,
+) -> String {
+    let (Some(a), Some(b)) = (a, b) else {
+        return format!("cpu {phase}: unavailable (no readable /proc)");
+    };
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let us = |ticks: u64| ticks as f64 / hz * 1e6 / records as f64;
