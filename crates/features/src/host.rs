@@ -15,8 +15,10 @@ const MS_PER_HOUR: f64 = 3_600_000.0;
 pub type HostIdx = u32;
 
 /// Everything the features of one host depend on. Plain data: it serialises, so a
-/// streaming job can checkpoint it and restore it on another instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// streaming job can checkpoint it and restore it on another instance. Two
+/// encodings: serde (JSON, readable) and bincode (compact: the window's counts
+/// as varints, see [`RingSums`]; the streaming job's state records).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
 pub struct HostState {
     n: u64,
     last_ts_ms: i64,

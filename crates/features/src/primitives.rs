@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Exponentially weighted moving average, `m_0 = x_0`, `m_i = (1−α)·m_{i−1} + α·x_i`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct Ewma {
     value: f64,
     primed: bool,
@@ -49,7 +51,9 @@ impl Ewma {
 }
 
 /// Slow exponentially weighted mean and second moment of a series, for z-scores.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct EwMoments {
     mean: Ewma,
     sq: Ewma,
@@ -152,6 +156,141 @@ impl<const K: usize> RingSums<K> {
     }
 }
 
+// bincode layout of a `RingSums`, its own and the same under any bincode
+// config: three varints (window, position, length), then every value of the
+// ring in order and the sums, each as in `push_value`.
+
+/// Largest window a decoded [`RingSums`] may claim (the bound of
+/// `FeatureParams::window`), so a corrupt length allocates nothing big.
+const MAX_DECODED_WINDOW: u64 = 10_000;
+
+/// One value in the compact binary layout: an integer-valued `v` in
+/// `[0, 2^52)` (every windowed quantity is a count, mostly 0) as the varint
+/// `2v`, anything else as `1` followed by its IEEE bits as a varint, so the
+/// round trip is exact for every f64 (-0.0 and NaN payloads included) and a
+/// zero costs one byte instead of eight. Written into `buf` with bincode's
+/// standard varint (< 251: one byte; 251/252/253: u16/u32/u64 LE follows),
+/// and handed to the encoder's writer once per window: a writer call per
+/// value was most of the encoding time.
+fn push_value(buf: &mut Vec<u8>, v: f64) {
+    const LIMIT: f64 = (1u64 << 52) as f64;
+    if (0.0..LIMIT).contains(&v) && v.fract() == 0.0 && v.to_bits() != (-0.0f64).to_bits() {
+        push_varint(buf, (v as u64) << 1);
+    } else {
+        buf.push(1);
+        push_varint(buf, v.to_bits());
+    }
+}
+
+fn push_varint(buf: &mut Vec<u8>, x: u64) {
+    if x < 251 {
+        buf.push(x as u8);
+    } else if let Ok(x) = u16::try_from(x) {
+        buf.push(251);
+        buf.extend_from_slice(&x.to_le_bytes());
+    } else if let Ok(x) = u32::try_from(x) {
+        buf.push(252);
+        buf.extend_from_slice(&x.to_le_bytes());
+    } else {
+        buf.push(253);
+        buf.extend_from_slice(&x.to_le_bytes());
+    }
+}
+
+fn read_varint<D: bincode::de::Decoder>(d: &mut D) -> Result<u64, bincode::error::DecodeError> {
+    use bincode::de::read::Reader;
+    let mut b = [0u8; 8];
+    d.reader().read(&mut b[..1])?;
+    let n = match b[0] {
+        x @ 0..=250 => return Ok(u64::from(x)),
+        251 => 2,
+        252 => 4,
+        253 => 8,
+        x => {
+            return Err(bincode::error::DecodeError::OtherString(format!(
+                "window varint tag {x}"
+            )));
+        }
+    };
+    b[0] = 0;
+    d.reader().read(&mut b[..n])?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_value<D: bincode::de::Decoder>(d: &mut D) -> Result<f64, bincode::error::DecodeError> {
+    match read_varint(d)? {
+        1 => Ok(f64::from_bits(read_varint(d)?)),
+        c if c & 1 == 0 => Ok((c >> 1) as f64),
+        c => Err(bincode::error::DecodeError::OtherString(format!(
+            "window value code {c} is neither an integer nor the escape 1"
+        ))),
+    }
+}
+
+impl<const K: usize> bincode::Encode for RingSums<K> {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        e: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        use bincode::enc::write::Writer;
+        let mut buf = Vec::with_capacity(30 + (self.ring.len() + 1) * K);
+        push_varint(&mut buf, self.ring.len() as u64);
+        push_varint(&mut buf, self.pos as u64);
+        push_varint(&mut buf, self.len as u64);
+        for &v in self.ring.iter().flatten().chain(&self.sums) {
+            push_value(&mut buf, v);
+        }
+        e.writer().write(&buf)
+    }
+}
+
+impl<Context, const K: usize> bincode::Decode<Context> for RingSums<K> {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        d: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let bad = |what: String| Err(bincode::error::DecodeError::OtherString(what));
+        let window = read_varint(d)?;
+        let pos = read_varint(d)?;
+        let len = read_varint(d)?;
+        if !(1..=MAX_DECODED_WINDOW).contains(&window) {
+            return bad(format!(
+                "window {window} is not in 1..={MAX_DECODED_WINDOW}"
+            ));
+        }
+        if pos >= window || len > window {
+            return bad(format!(
+                "position {pos} / length {len} do not fit a window of {window}"
+            ));
+        }
+        let mut ring = Vec::with_capacity(window as usize);
+        for _ in 0..window {
+            let mut row = [0.0; K];
+            for v in &mut row {
+                *v = read_value(d)?;
+            }
+            ring.push(row);
+        }
+        let mut sums = [0.0; K];
+        for v in &mut sums {
+            *v = read_value(d)?;
+        }
+        Ok(Self {
+            ring,
+            pos: pos as usize,
+            len: len as usize,
+            sums,
+        })
+    }
+}
+
+impl<'de, Context, const K: usize> bincode::BorrowDecode<'de, Context> for RingSums<K> {
+    fn borrow_decode<D: bincode::de::BorrowDecoder<'de, Context = Context>>(
+        d: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        bincode::Decode::decode(d)
+    }
+}
+
 mod arr_serde {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -199,6 +338,42 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn a_window_of_counts_encodes_in_a_byte_a_value_and_bad_shapes_are_refused() {
+        let mut ring = RingSums::<10>::new(36);
+        for i in 0..50 {
+            ring.push([
+                0.0,
+                0.0,
+                1.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                0.0,
+                f64::from(i % 2),
+                0.0,
+            ]);
+        }
+        let cfg = bincode::config::standard();
+        let bytes = bincode::encode_to_vec(&ring, cfg).unwrap();
+        // 3 header varints + 370 one-byte values (sums up to 36 -> 2v = 72 < 251)
+        assert_eq!(bytes.len(), 3 + 36 * 10 + 10);
+        let shape = |window: u64, pos: u64, len: u64| {
+            let mut b = bincode::encode_to_vec((window, pos, len), cfg).unwrap();
+            b.extend(std::iter::repeat_n(0u8, 12));
+            bincode::decode_from_slice::<RingSums<2>, _>(&b, cfg).map(|_| ())
+        };
+        assert!(shape(3, 2, 3).is_ok());
+        for (w, p, l) in [(0, 0, 0), (10_001, 0, 0), (3, 3, 0), (3, 0, 4)] {
+            let e = shape(w, p, l).unwrap_err().to_string();
+            assert!(e.contains("window") || e.contains("position"), "{e}");
+        }
+        let odd = bincode::encode_to_vec((1u64, 0u64, 0u64, 3u64), cfg).unwrap();
+        let e = bincode::decode_from_slice::<RingSums<1>, _>(&odd, cfg).unwrap_err();
+        assert!(e.to_string().contains("escape"), "{e}");
+    }
+
     proptest! {
         #[test]
         fn ring_sums_match_naive_window(window in 1usize..20, xs in proptest::collection::vec(0u32..1000, 0..200)) {
@@ -209,6 +384,39 @@ mod tests {
                 let want: f64 = xs[lo..=i].iter().map(|&x| f64::from(x)).sum();
                 prop_assert_eq!(got[0], want);
                 prop_assert_eq!(got[1], (i + 1 - lo) as f64);
+            }
+        }
+
+        #[test]
+        fn ring_sums_round_trip_bincode_bit_for_bit(
+            window in 1usize..40,
+            xs in proptest::collection::vec(
+                prop_oneof![
+                    4 => (0u64..5).prop_map(|v| v as f64),
+                    1 => any::<u64>().prop_map(f64::from_bits),
+                    1 => Just(-0.0f64),
+                    1 => Just((1u64 << 52) as f64),
+                    1 => Just(f64::INFINITY),
+                ],
+                0..120,
+            ),
+        ) {
+            let mut ring = RingSums::<3>::new(window);
+            for x in &xs {
+                ring.push([*x, 1.0, -*x]);
+            }
+            let cfg = bincode::config::standard();
+            let bytes = bincode::encode_to_vec(&ring, cfg).unwrap();
+            let (back, used): (RingSums<3>, usize) = bincode::decode_from_slice(&bytes, cfg).unwrap();
+            prop_assert_eq!(used, bytes.len());
+            let bits = |r: &RingSums<3>| -> Vec<u64> {
+                r.ring.iter().flatten().chain(r.sums.iter()).map(|v| v.to_bits()).collect()
+            };
+            prop_assert_eq!(bits(&back), bits(&ring));
+            prop_assert_eq!((back.pos, back.len), (ring.pos, ring.len));
+            // and any prefix of the bytes is refused, never a panic
+            for cut in 0..bytes.len() {
+                prop_assert!(bincode::decode_from_slice::<RingSums<3>, _>(&bytes[..cut], cfg).is_err());
             }
         }
 

@@ -30,65 +30,25 @@ struct ClusterState {
     policy: PolicySnapshot,
 }
 
+/// foldhash: the host index is looked up once per score.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 struct ClusterSlot {
     partition: i32,
     policy: Policy,
-    index: HashMap<String, HostIdx>,
+    index: FastMap<String, HostIdx>,
     hosts: Vec<String>,
 }
 
-/// The stage-2 transform.
-pub struct Decider {
-    params: PolicyParams,
-    clusters: HashMap<Vec<u8>, ClusterSlot>,
-    decisions: u64,
-}
-
-impl Decider {
-    /// A decider.
-    pub fn new(params: PolicyParams) -> Self {
-        Self {
-            params,
-            clusters: HashMap::new(),
-            decisions: 0,
-        }
-    }
-
-    /// Decisions emitted (not counting replays).
-    pub fn decisions(&self) -> u64 {
-        self.decisions
-    }
-
-    fn slot(&mut self, partition: i32, cluster: &str) -> &mut ClusterSlot {
-        let params = &self.params;
-        let slot = self
-            .clusters
-            .entry(cluster.as_bytes().to_vec())
-            .or_insert_with(|| ClusterSlot {
-                partition,
-                policy: Policy::new(params.clone()),
-                index: HashMap::new(),
-                hosts: Vec::new(),
-            });
-        slot.partition = partition;
-        slot
-    }
-
-    /// Runs one host's score through its cluster's policy.
-    pub fn decide(
-        &mut self,
-        partition: i32,
-        cluster: &str,
-        model: &str,
-        s: &HostScore<'_>,
-    ) -> Option<Decision> {
-        let slot = self.slot(partition, cluster);
-        let idx = match slot.index.get(s.host) {
+impl ClusterSlot {
+    /// Runs one host's score through the cluster's policy.
+    fn decide(&mut self, cluster: &str, model: &str, s: &HostScore<'_>) -> Option<Decision> {
+        let idx = match self.index.get(s.host) {
             Some(&i) => i,
             None => {
-                let i = slot.hosts.len() as HostIdx;
-                slot.index.insert(s.host.to_owned(), i);
-                slot.hosts.push(s.host.to_owned());
+                let i = self.hosts.len() as HostIdx;
+                self.index.insert(s.host.to_owned(), i);
+                self.hosts.push(s.host.to_owned());
                 i
             }
         };
@@ -111,7 +71,62 @@ impl Decider {
             vm_count: s.vms,
             vm_mem_mib: s.vm_mem_mib,
         };
-        let d = slot.policy.observe(idx, &info, s.ts, &score, model);
+        self.policy.observe(idx, &info, s.ts, &score, model)
+    }
+}
+
+/// The stage-2 transform.
+pub struct Decider {
+    params: PolicyParams,
+    clusters: FastMap<Vec<u8>, ClusterSlot>,
+    decisions: u64,
+}
+
+impl Decider {
+    /// A decider.
+    pub fn new(params: PolicyParams) -> Self {
+        Self {
+            params,
+            clusters: FastMap::default(),
+            decisions: 0,
+        }
+    }
+
+    /// Decisions emitted (not counting replays).
+    pub fn decisions(&self) -> u64 {
+        self.decisions
+    }
+
+    /// The cluster's slot (its key copied only the first time).
+    fn slot(&mut self, partition: i32, cluster: &str) -> &mut ClusterSlot {
+        if !self.clusters.contains_key(cluster.as_bytes()) {
+            self.clusters.insert(
+                cluster.as_bytes().to_vec(),
+                ClusterSlot {
+                    partition,
+                    policy: Policy::new(self.params.clone()),
+                    index: FastMap::default(),
+                    hosts: Vec::new(),
+                },
+            );
+        }
+        let slot = self
+            .clusters
+            .get_mut(cluster.as_bytes())
+            .expect("inserted above");
+        slot.partition = partition;
+        slot
+    }
+
+    /// Runs one host's score through its cluster's policy.
+    pub fn decide(
+        &mut self,
+        partition: i32,
+        cluster: &str,
+        model: &str,
+        s: &HostScore<'_>,
+    ) -> Option<Decision> {
+        let d = self.slot(partition, cluster).decide(cluster, model, s);
         if d.is_some() {
             self.decisions += 1;
         }
@@ -139,16 +154,21 @@ impl Transform for Decider {
                 format!("score batch key is not its cluster {:?}", b.cluster),
             )];
         }
-        b.scores
+        // One cluster per batch: its slot is looked up once.
+        let slot = self.slot(r.partition, b.cluster);
+        let out: Vec<Output> = b
+            .scores
             .iter()
-            .filter_map(|s| self.decide(r.partition, b.cluster, b.model, s))
+            .filter_map(|s| slot.decide(b.cluster, b.model, s))
             .map(|d| {
                 Output::alert(
                     d.host_id.as_bytes().to_vec(),
                     serde_json::to_vec(&d).expect("decisions serialise"),
                 )
             })
-            .collect()
+            .collect();
+        self.decisions += out.len() as u64;
+        out
     }
 
     fn state(&self, key: &[u8]) -> Option<Vec<u8>> {

@@ -22,7 +22,9 @@ impl Default for Limits {
 
 /// A host's last accepted record, as far as the stateful checks need it. Plain
 /// serde data, so a streaming job can persist it per host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 pub struct LastAccepted {
     /// Timestamp, ms.
     pub ts_ms: i64,
