@@ -105,6 +105,7 @@ pub fn zscore(x: f64, mean: f64, mean_sq: f64, floor: f64, clip: f64) -> f64 {
 /// Values are stored as given; sums are kept exact for integer-valued inputs (all the
 /// windowed quantities of [`crate::Feature`] are counts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawRingSums<K>")]
 pub struct RingSums<const K: usize> {
     #[serde(with = "ring_serde")]
     ring: Vec<[f64; K]>,
@@ -112,6 +113,46 @@ pub struct RingSums<const K: usize> {
     len: usize,
     #[serde(with = "arr_serde")]
     sums: [f64; K],
+}
+
+/// A [`RingSums`] as read, before its shape is checked.
+#[derive(Deserialize)]
+struct RawRingSums<const K: usize> {
+    #[serde(with = "ring_serde")]
+    ring: Vec<[f64; K]>,
+    pos: usize,
+    len: usize,
+    #[serde(with = "arr_serde")]
+    sums: [f64; K],
+}
+
+/// The shape every decoded window must have (an empty ring or a position
+/// past its end would panic at the next push).
+fn check_shape(window: u64, pos: u64, len: u64) -> Result<(), String> {
+    if !(1..=MAX_DECODED_WINDOW).contains(&window) {
+        return Err(format!(
+            "window {window} is not in 1..={MAX_DECODED_WINDOW}"
+        ));
+    }
+    if pos >= window || len > window {
+        return Err(format!(
+            "position {pos} / length {len} do not fit a window of {window}"
+        ));
+    }
+    Ok(())
+}
+
+impl<const K: usize> TryFrom<RawRingSums<K>> for RingSums<K> {
+    type Error = String;
+    fn try_from(r: RawRingSums<K>) -> Result<Self, String> {
+        check_shape(r.ring.len() as u64, r.pos as u64, r.len as u64)?;
+        Ok(Self {
+            ring: r.ring,
+            pos: r.pos,
+            len: r.len,
+            sums: r.sums,
+        })
+    }
 }
 
 impl<const K: usize> RingSums<K> {
@@ -248,20 +289,10 @@ impl<Context, const K: usize> bincode::Decode<Context> for RingSums<K> {
     fn decode<D: bincode::de::Decoder<Context = Context>>(
         d: &mut D,
     ) -> Result<Self, bincode::error::DecodeError> {
-        let bad = |what: String| Err(bincode::error::DecodeError::OtherString(what));
         let window = read_varint(d)?;
         let pos = read_varint(d)?;
         let len = read_varint(d)?;
-        if !(1..=MAX_DECODED_WINDOW).contains(&window) {
-            return bad(format!(
-                "window {window} is not in 1..={MAX_DECODED_WINDOW}"
-            ));
-        }
-        if pos >= window || len > window {
-            return bad(format!(
-                "position {pos} / length {len} do not fit a window of {window}"
-            ));
-        }
+        check_shape(window, pos, len).map_err(bincode::error::DecodeError::OtherString)?;
         let mut ring = Vec::with_capacity(window as usize);
         for _ in 0..window {
             let mut row = [0.0; K];
@@ -466,5 +497,15 @@ mod tests {
         assert_eq!(back, r);
         assert_eq!(back.sums(), &[2.0 + 3.0 + 4.0 + 5.0, 4.0, 8.0]);
         assert!(serde_json::from_str::<RingSums<2>>(&serde_json::to_string(&r).unwrap()).is_err());
+        for bad in [
+            r#"{"ring":[],"pos":0,"len":0,"sums":[0,0]}"#,
+            r#"{"ring":[[0,0]],"pos":1,"len":0,"sums":[0,0]}"#,
+            r#"{"ring":[[0,0]],"pos":0,"len":2,"sums":[0,0]}"#,
+        ] {
+            let e = serde_json::from_str::<RingSums<2>>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("window"), "{bad}: {e}");
+        }
     }
 }

@@ -30,7 +30,9 @@ pub use batch::{
 };
 pub use config::{JobConfig, JobConfigError, JobSection, Role};
 pub use decider::Decider;
-pub use scorer::Scorer;
+pub use scorer::{
+    HOST_STATE_MAGIC, HOST_STATE_MAX_BYTES, HOST_STATE_VERSION, HostStateError, Scorer,
+};
 pub use simulate::{SimulateError, SimulateOptions, simulate};
 
 use waterbear_stream::{Metrics, run_with_metrics};

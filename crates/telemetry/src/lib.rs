@@ -40,5 +40,5 @@ pub use record::{CRITICAL_SMART, HostRecord, VmInfo};
 pub use validate::{LastAccepted, Limits, Validator, check_host};
 pub use wire::{
     BINARY_MAGIC, BINARY_VERSION, JSON_SCHEMA_V1, MAX_RECORD_BYTES, WIRE_VERSION, WireFormat,
-    decode, encode, encode_binary, encode_binary_to_vec, encode_to_vec,
+    decode, decode_into, encode, encode_binary, encode_binary_to_vec, encode_to_vec,
 };

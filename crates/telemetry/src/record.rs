@@ -13,7 +13,9 @@ pub(crate) const MAX_VMS: usize = 512;
 /// Counters named `*_raw`, `ecc_*` are cumulative (they only grow); `kernel_events` and
 /// `service_crashes` count events *in this interval*. Rates and utilisations are
 /// instantaneous readings at `ts_ms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 #[serde(deny_unknown_fields)]
 pub struct HostRecord {
     /// Wire format version; always [`WIRE_VERSION`] for records this build writes.
@@ -71,7 +73,9 @@ pub struct HostRecord {
 }
 
 /// A VM running on a host.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Serialize, Deserialize, bincode::Encode, bincode::Decode,
+)]
 #[serde(deny_unknown_fields)]
 pub struct VmInfo {
     /// VM identifier, unique in the fleet.

@@ -127,6 +127,92 @@ fn decode_binary(bytes: &[u8]) -> Result<HostRecord, ValidationError> {
     Ok(rec)
 }
 
+/// [`decode`] into `out`, reusing its strings and VM list: a binary record
+/// (the streaming job's hot path) then allocates nothing once `out` has held a
+/// record as large. The result and every error are [`decode`]'s (a record
+/// the fast path refuses is decoded again by [`decode`] for its error, and a
+/// proptest checks both agree); on an error `out` holds unspecified values.
+pub fn decode_into(bytes: &[u8], out: &mut HostRecord) -> Result<(), ValidationError> {
+    let fast = bytes.len() <= MAX_RECORD_BYTES
+        && bytes.len() >= BINARY_HEADER
+        && bytes.starts_with(&BINARY_MAGIC)
+        && u16::from_le_bytes([bytes[4], bytes[5]]) == BINARY_VERSION
+        && {
+            let stored = u32::from_le_bytes(bytes[6..BINARY_HEADER].try_into().expect("4 bytes"));
+            crc32fast::hash(&bytes[BINARY_HEADER..]) == stored
+        }
+        && read_into(&bytes[BINARY_HEADER..], out).is_ok();
+    if fast && out.check().is_ok() {
+        return Ok(());
+    }
+    *out = decode(bytes)?;
+    Ok(())
+}
+
+/// The body of a binary record into `out`, field by field in the order of
+/// `HostRecord`'s derived `bincode::Decode` (the proptest
+/// `decode_into_agrees_with_decode` fails if the two drift apart).
+fn read_into(body: &[u8], out: &mut HostRecord) -> Result<(), bincode::error::DecodeError> {
+    use bincode::de::read::{Reader, SliceReader};
+    use bincode::de::{BorrowDecode, Decode, Decoder, DecoderImpl};
+    fn text<'a, D: bincode::de::BorrowDecoder<'a>>(
+        d: &mut D,
+        into: &mut String,
+    ) -> Result<(), bincode::error::DecodeError> {
+        let s: &'a str = BorrowDecode::borrow_decode(d)?;
+        into.clear();
+        into.push_str(s);
+        Ok(())
+    }
+    let mut d = DecoderImpl::new(SliceReader::new(body), bincode_cfg(), ());
+    out.v = Decode::decode(&mut d)?;
+    text(&mut d, &mut out.host_id)?;
+    out.ts_ms = Decode::decode(&mut d)?;
+    text(&mut d, &mut out.region)?;
+    text(&mut d, &mut out.cluster)?;
+    text(&mut d, &mut out.rack)?;
+    out.fault_domain = Decode::decode(&mut d)?;
+    out.update_domain = Decode::decode(&mut d)?;
+    out.cpu_util = Decode::decode(&mut d)?;
+    out.mem_util = Decode::decode(&mut d)?;
+    out.disk_read_iops = Decode::decode(&mut d)?;
+    out.disk_write_iops = Decode::decode(&mut d)?;
+    out.disk_latency_ms = Decode::decode(&mut d)?;
+    out.smart_5_raw = Decode::decode(&mut d)?;
+    out.smart_9_raw = Decode::decode(&mut d)?;
+    out.smart_187_raw = Decode::decode(&mut d)?;
+    out.smart_188_raw = Decode::decode(&mut d)?;
+    out.smart_194_raw = Decode::decode(&mut d)?;
+    out.smart_197_raw = Decode::decode(&mut d)?;
+    out.smart_198_raw = Decode::decode(&mut d)?;
+    out.ecc_corrected = Decode::decode(&mut d)?;
+    out.ecc_uncorrected = Decode::decode(&mut d)?;
+    out.heartbeat_age_s = Decode::decode(&mut d)?;
+    out.kernel_events = Decode::decode(&mut d)?;
+    out.service_crashes = Decode::decode(&mut d)?;
+    let n: u64 = Decode::decode(&mut d)?;
+    // every VM takes at least two bytes: a longer list is a lie
+    if n > (body.len() / 2) as u64 {
+        return Err(bincode::error::DecodeError::Other(
+            "VM count beyond the body",
+        ));
+    }
+    let n = n as usize;
+    out.vms.truncate(n);
+    for i in 0..n {
+        if i == out.vms.len() {
+            out.vms.push(crate::record::VmInfo::default());
+        }
+        let vm = &mut out.vms[i];
+        text(&mut d, &mut vm.id)?;
+        vm.mem_mib = Decode::decode(&mut d)?;
+    }
+    if d.reader().peek_read(1).is_some() {
+        return Err(bincode::error::DecodeError::Other("bytes after the record"));
+    }
+    Ok(())
+}
+
 /// Decodes and statically validates one record, JSON or binary ([`encode_binary`]:
 /// told apart by [`BINARY_MAGIC`]).
 ///
@@ -578,6 +664,100 @@ mod tests {
             );
             proptest::prop_assert_eq!(decode(&bin).unwrap(), rec.clone());
             proptest::prop_assert_eq!(decode(&encode_to_vec(&rec)).unwrap(), rec);
+        }
+    }
+
+    /// A record with every field drawn on its own, so two fields of one type
+    /// read in swapped order differ; values may fail the checks.
+    fn any_record() -> impl proptest::strategy::Strategy<Value = HostRecord> {
+        use proptest::prelude::*;
+        let ids = "[a-z0-9-]{1,12}";
+        let f = prop_oneof![9 => 0.0f64..=1.0, 1 => any::<f64>()];
+        let v = prop_oneof![9 => Just(WIRE_VERSION), 1 => any::<u32>()];
+        let ts = prop_oneof![9 => 0i64..4_000_000_000_000, 1 => any::<i64>()];
+        (
+            (
+                v,
+                ids,
+                ts,
+                ids,
+                ids,
+                "[a-z0-9-]{0,12}",
+                any::<u32>(),
+                any::<u32>(),
+            ),
+            (f.clone(), f.clone(), 0.0f64..1e4, 0.0f64..1e4, f),
+            proptest::array::uniform9(any::<u64>()),
+            (0.0f64..1e4, any::<u32>(), any::<u32>()),
+            proptest::collection::vec((ids, any::<u32>()), 0..12),
+        )
+            .prop_map(
+                |(
+                    (v, host, ts, region, cluster, rack, fd, ud),
+                    (cpu, mem, r, w, lat),
+                    c,
+                    (hb, ke, sc),
+                    vms,
+                )| HostRecord {
+                    v,
+                    host_id: host,
+                    ts_ms: ts,
+                    region,
+                    cluster,
+                    rack,
+                    fault_domain: fd,
+                    update_domain: ud,
+                    cpu_util: cpu,
+                    mem_util: mem,
+                    disk_read_iops: r,
+                    disk_write_iops: w,
+                    disk_latency_ms: lat,
+                    smart_5_raw: c[0],
+                    smart_9_raw: c[1],
+                    smart_187_raw: c[2],
+                    smart_188_raw: c[3],
+                    smart_194_raw: c[4],
+                    smart_197_raw: c[5],
+                    smart_198_raw: c[6],
+                    ecc_corrected: c[7],
+                    ecc_uncorrected: c[8],
+                    heartbeat_age_s: hb,
+                    kernel_events: ke,
+                    service_crashes: sc,
+                    vms: vms
+                        .into_iter()
+                        .map(|(id, mem_mib)| crate::VmInfo { id, mem_mib })
+                        .collect(),
+                },
+            )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_into_agrees_with_decode(
+            rec in any_record(),
+            before in any_record(),
+            json in proptest::bool::ANY,
+            flip in proptest::option::of((0usize..400, 1u8..=255)),
+            fix_crc in proptest::bool::ANY,
+        ) {
+            let mut bytes = if json { encode_to_vec(&rec) } else { encode_binary_to_vec(&rec) };
+            if let Some((at, x)) = flip {
+                let at = at % bytes.len();
+                bytes[at] ^= x;
+                if fix_crc && !json && at >= BINARY_HEADER {
+                    bytes = with_matching_crc(bytes);
+                }
+            }
+            let mut out = before;
+            let got = decode_into(&bytes, &mut out);
+            match decode(&bytes) {
+                Ok(want) => {
+                    proptest::prop_assert_eq!(got, Ok(()));
+                    proptest::prop_assert_eq!(out, want);
+                }
+                Err(e) => proptest::prop_assert_eq!(got, Err(e)),
+            }
         }
     }
 
