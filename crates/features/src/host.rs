@@ -26,6 +26,7 @@ pub struct HostState {
     last_counters: [u64; 7],
     /// Timestamp of the last rise of each critical SMART counter.
     last_rise_ms: [Option<i64>; 5],
+    #[serde(deserialize_with = "crate::primitives::checked_ring")]
     window: RingSums<K>,
     temp: Ewma,
     cpu: Ewma,

@@ -105,19 +105,7 @@ pub fn zscore(x: f64, mean: f64, mean_sq: f64, floor: f64, clip: f64) -> f64 {
 /// Values are stored as given; sums are kept exact for integer-valued inputs (all the
 /// windowed quantities of [`crate::Feature`] are counts).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "RawRingSums<K>")]
 pub struct RingSums<const K: usize> {
-    #[serde(with = "ring_serde")]
-    ring: Vec<[f64; K]>,
-    pos: usize,
-    len: usize,
-    #[serde(with = "arr_serde")]
-    sums: [f64; K],
-}
-
-/// A [`RingSums`] as read, before its shape is checked.
-#[derive(Deserialize)]
-struct RawRingSums<const K: usize> {
     #[serde(with = "ring_serde")]
     ring: Vec<[f64; K]>,
     pos: usize,
@@ -142,17 +130,16 @@ fn check_shape(window: u64, pos: u64, len: u64) -> Result<(), String> {
     Ok(())
 }
 
-impl<const K: usize> TryFrom<RawRingSums<K>> for RingSums<K> {
-    type Error = String;
-    fn try_from(r: RawRingSums<K>) -> Result<Self, String> {
-        check_shape(r.ring.len() as u64, r.pos as u64, r.len as u64)?;
-        Ok(Self {
-            ring: r.ring,
-            pos: r.pos,
-            len: r.len,
-            sums: r.sums,
-        })
-    }
+/// serde `deserialize_with` for a [`RingSums`] read from outside (a
+/// persisted host state): refuses a shape that would panic at the next push.
+/// The bincode decoder checks the same itself.
+pub(crate) fn checked_ring<'de, D: serde::Deserializer<'de>, const K: usize>(
+    d: D,
+) -> Result<RingSums<K>, D::Error> {
+    let r = RingSums::<K>::deserialize(d)?;
+    check_shape(r.ring.len() as u64, r.pos as u64, r.len as u64)
+        .map_err(serde::de::Error::custom)?;
+    Ok(r)
 }
 
 impl<const K: usize> RingSums<K> {
@@ -502,9 +489,8 @@ mod tests {
             r#"{"ring":[[0,0]],"pos":1,"len":0,"sums":[0,0]}"#,
             r#"{"ring":[[0,0]],"pos":0,"len":2,"sums":[0,0]}"#,
         ] {
-            let e = serde_json::from_str::<RingSums<2>>(bad)
-                .unwrap_err()
-                .to_string();
+            let mut de = serde_json::Deserializer::from_str(bad);
+            let e = checked_ring::<_, 2>(&mut de).unwrap_err().to_string();
             assert!(e.contains("window"), "{bad}: {e}");
         }
     }

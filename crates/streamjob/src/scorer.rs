@@ -444,6 +444,14 @@ mod tests {
             HostSnapshot::decode(&cut),
             Err(HostStateError::Body(_))
         ));
+        // the JSON of earlier builds with a window that would panic at the next record
+        let mut v = serde_json::to_value(&s.hosts[b"h1".as_slice()].snap).unwrap();
+        v["features"]["window"]["ring"] = serde_json::json!([]);
+        let e = HostSnapshot::decode(&serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(
+            matches!(e, HostStateError::Json(ref m) if m.contains("window 0")),
+            "{e}"
+        );
         // restore skips what it cannot read: the host starts fresh
         let mut fresh = scorer();
         fresh.restore(0, b"h1", &flipped);
