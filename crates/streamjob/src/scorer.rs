@@ -25,8 +25,8 @@ struct HostSnapshot {
 pub const HOST_STATE_MAGIC: [u8; 4] = *b"WBHS";
 /// Binary host state layout this build writes and reads.
 pub const HOST_STATE_VERSION: u16 = 1;
-/// Largest host state this build decodes (a 10,000-record window of
-/// non-integer values is ~900 KB).
+/// Largest host state this build decodes (the largest window, 10,000
+/// records, of values that all need the 10-byte escape is ~1.0 MB, under it).
 pub const HOST_STATE_MAX_BYTES: usize = 1 << 20;
 const HOST_STATE_HEADER: usize = 10;
 
