@@ -31,6 +31,7 @@ use rdkafka::producer::{
 };
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use smallvec::SmallVec;
 use tracing::{debug, error, info, warn};
 
 use crate::config::StreamParams;
@@ -233,8 +234,10 @@ struct Batch {
     started: Option<Instant>,
     oldest_ts_ms: Option<i64>,
     offsets: HashMap<i32, i64>,
-    /// Keys touched in this batch, per input partition.
-    dirty: HashMap<i32, HashSet<Vec<u8>, foldhash::fast::RandomState>>,
+    /// Keys touched in this batch, per input partition. Keys up to 24 bytes
+    /// (host ids) sit inside the set's buckets: one cache miss less per
+    /// record than a `Vec`'s heap bytes.
+    dirty: HashMap<i32, HashSet<SmallVec<[u8; 24]>, foldhash::fast::RandomState>>,
     records: u64,
     alerts: u64,
     other: u64,
@@ -890,7 +893,7 @@ impl<T: Transform + 'static> Job<T> {
             // Allocate only for keys not yet marked dirty in this batch.
             let keys = b.dirty.entry(rec.partition).or_default();
             if !keys.contains(k) {
-                keys.insert(k.to_vec());
+                keys.insert(SmallVec::from_slice(k));
             }
         }
         if let Some(ts) = rec.timestamp_ms {
