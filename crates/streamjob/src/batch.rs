@@ -102,9 +102,35 @@ pub struct ScoreBatchWriter {
 
 impl ScoreBatchWriter {
     /// Appends one score.
+    ///
+    /// Field by field with bincode's own encoders: the same bytes as
+    /// `HostScore`'s serde encoding (which the decoder reads; a proptest
+    /// compares the two), without serde's adapter and `io::Write` calls, which
+    /// were ~4 % of the job's CPU.
     pub fn push(&mut self, s: &HostScore<'_>) {
-        bincode::serde::encode_into_std_write(s, &mut self.body, cfg())
-            .expect("encoding into a Vec cannot fail");
+        use bincode::Encode;
+        let mut e = bincode::enc::EncoderImpl::new(VecOut(&mut self.body), cfg());
+        let r: Result<(), bincode::error::EncodeError> = (|| {
+            s.host.encode(&mut e)?;
+            s.fd.encode(&mut e)?;
+            s.ud.encode(&mut e)?;
+            s.vms.encode(&mut e)?;
+            s.rack.encode(&mut e)?;
+            s.vm_mem_mib.encode(&mut e)?;
+            s.ts.encode(&mut e)?;
+            s.score.encode(&mut e)?;
+            // serde writes a unit variant as its index
+            (s.sig as u32).encode(&mut e)?;
+            (s.reasons.len() as u64).encode(&mut e)?;
+            for r in &s.reasons {
+                // `Feature` serialises as its name
+                r.feature.name().encode(&mut e)?;
+                r.value.encode(&mut e)?;
+                r.contribution.encode(&mut e)?;
+            }
+            Ok(())
+        })();
+        r.expect("encoding into a Vec cannot fail");
         self.count += 1;
     }
 
@@ -128,6 +154,17 @@ impl ScoreBatchWriter {
         out.append(&mut self.body);
         self.count = 0;
         out
+    }
+}
+
+/// bincode's writer for a `Vec` (its own is private).
+struct VecOut<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecOut<'_> {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
     }
 }
 
@@ -244,6 +281,29 @@ mod tests {
                     (w.host, w.rack, w.ts, w.fd, w.ud, w.vms, w.vm_mem_mib, w.sig));
                 prop_assert_eq!(g.reasons.len(), w.reasons.len());
             }
+        }
+
+        #[test]
+        fn the_writer_writes_serdes_bytes(
+            host in "\\PC{0,30}",
+            rack in "\\PC{0,300}",
+            fd in any::<u32>(), ud in any::<u32>(), vms in any::<u32>(),
+            mem in any::<u64>(), ts in any::<i64>(), v in any::<f64>(),
+            sig in 0usize..Signature::ALL.len(),
+            reasons in proptest::collection::vec(
+                (0usize..Feature::ALL.len(), any::<f64>(), any::<f64>()), 0..4),
+        ) {
+            let s = HostScore {
+                host: &host, fd, ud, vms, rack: &rack, vm_mem_mib: mem, ts, score: v,
+                sig: Signature::ALL[sig],
+                reasons: reasons.iter().map(|&(f, value, contribution)| Reason {
+                    feature: Feature::ALL[f], value, contribution,
+                }).collect(),
+            };
+            let mut w = ScoreBatchWriter::default();
+            w.push(&s);
+            let want = bincode::serde::encode_to_vec(&s, cfg()).unwrap();
+            prop_assert_eq!(&w.body, &want);
         }
 
         #[test]
