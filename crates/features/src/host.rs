@@ -88,7 +88,9 @@ impl HostState {
         let dt_hours = if first {
             0.0
         } else {
-            (rec.ts_ms - self.last_ts_ms) as f64 / MS_PER_HOUR
+            // saturating here and below: a restored state (checksummed, but
+            // written by anyone) may hold any timestamp and count
+            rec.ts_ms.saturating_sub(self.last_ts_ms) as f64 / MS_PER_HOUR
         };
         for (d, last) in delta.iter().zip(self.last_rise_ms.iter_mut()) {
             if *d > 0.0 {
@@ -112,7 +114,7 @@ impl HostState {
             f64::from(rec.service_crashes),
             f64::from(rec.kernel_events),
         ]);
-        self.n += 1;
+        self.n = self.n.saturating_add(1);
 
         let crit = [
             (
@@ -154,7 +156,7 @@ impl HostState {
             out[d] = delta[i];
             out[rw] = sums[i];
             out[since] = match self.last_rise_ms[i] {
-                Some(t) => ((rec.ts_ms - t) as f64 / MS_PER_HOUR).min(p.hours_cap),
+                Some(t) => (rec.ts_ms.saturating_sub(t) as f64 / MS_PER_HOUR).min(p.hours_cap),
                 None => p.hours_cap,
             };
             if counters[i] > 0 {
@@ -553,5 +555,27 @@ mod tests {
             rec.smart_5_raw += 1;
             assert_eq!(a.update(&rec).1, b.update(&rec).1);
         }
+    }
+
+    /// A restored state passes its checksum whatever it holds: extreme counts
+    /// and timestamps must neither panic (overflow checks) nor wrap (release).
+    #[test]
+    fn extreme_restored_values_saturate() {
+        let p = FeatureParams::default();
+        let mut st = HostState::new(&p);
+        let mut fv = FeatureVector::default();
+        let rec = HostRecord::example("h", 1_000);
+        st.update(&rec, &p, &mut fv);
+        st.n = u64::MAX;
+        st.last_ts_ms = i64::MIN;
+        st.last_rise_ms = [Some(i64::MIN); 5];
+        let mut next = rec.clone();
+        next.ts_ms = i64::MAX / 2;
+        st.update(&next, &p, &mut fv);
+        assert_eq!(st.records(), u64::MAX, "wrapped to 0 would restart warm-up");
+        assert!(fv[F::DtHours] > 0.0, "dt {}", fv[F::DtHours]);
+        assert_eq!(fv[F::Smart5HoursSinceRise], p.hours_cap);
+        assert_eq!(fv[F::RecordsSeen], u64::MAX as f64);
+        assert!(fv.0.iter().all(|v| !v.is_nan()));
     }
 }

@@ -78,7 +78,8 @@ impl EwMoments {
         };
         self.mean.update(x, alpha);
         self.sq.update(x * x, alpha);
-        self.n += 1;
+        // saturating: a restored state may hold any count
+        self.n = self.n.saturating_add(1);
         z
     }
 
@@ -354,6 +355,18 @@ mod ring_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restored_count_at_its_maximum_saturates() {
+        let mut m = EwMoments {
+            n: u64::MAX,
+            ..EwMoments::default()
+        };
+        assert_eq!(m.score_then_update(10.0, 0.1, 5, 1.0, 5.0), 5.0);
+        // wrapped to 0, the second record would be back in warm-up (z = 0)
+        assert_eq!(m.score_then_update(20.0, 0.1, 5, 1.0, 5.0), 5.0);
+        assert_eq!(m.n, u64::MAX);
+    }
     use proptest::prelude::*;
 
     #[test]
