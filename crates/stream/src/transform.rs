@@ -105,7 +105,11 @@ pub trait Transform: Send {
         None
     }
 
-    /// Loads the persisted state of `key` in `partition`.
+    /// Loads the persisted state of `key` in `partition`: called once per
+    /// key with its last state in the state topic (read to its end first,
+    /// as compaction would leave it; tombstones are skipped). A state the
+    /// transform cannot read leaves the key without state, not with an
+    /// older one.
     fn restore(&mut self, partition: i32, key: &[u8], state: &[u8]) {
         let _ = (partition, key, state);
     }
