@@ -13,6 +13,8 @@
 //!    scorer committed (i.e. every telemetry record went through
 //!    validate -> features -> detector -> scores topic -> policy, two
 //!    transactions);
+//!    With `--restart`, 3b. recovery: the job started again on the same group,
+//!    timed until every partition is assigned and its state read back;
 //! 4. latency: simulator records paced at `--rate` for `--latency-secs`;
 //!    time from send to the record's score (stage 1) and to its decision
 //!    (stage 2) being visible to a read_committed reader.
@@ -71,6 +73,10 @@ struct Args {
     /// phase always runs both: it times decisions.
     #[arg(long, value_enum, default_value_t = Role::Both)]
     role: Role,
+    /// After the end-to-end phase, start the job again on its group and
+    /// time the restart: group join and state restore (phase 3b).
+    #[arg(long)]
+    restart: bool,
 }
 
 /// CPU time used so far, in clock ticks (USER_HZ): this process, the broker
@@ -363,6 +369,60 @@ async fn main() {
             "steady state (from the first commit, {:.2}s after start): {steady:>9.0} records/s, ratio {:.2}",
             (t1 - t0).as_secs_f64(),
             steady / ceiling
+        );
+    }
+
+    // Phase 3b: recovery. The same job again on the same group and topics:
+    // nothing is left to process, so this times what a restart costs before
+    // the first record: group join, transactional ids fenced, and the state
+    // topic that phase 3 wrote read back.
+    if args.restart {
+        let w = reader(&cfg, &cfg.stream.topics.state, 1);
+        let states: i64 = (0..args.partitions)
+            .map(|p| {
+                let (lo, hi) = w
+                    .fetch_watermarks(&cfg.stream.topics.state, p, Duration::from_secs(10))
+                    .expect("state topic watermarks");
+                hi - lo
+            })
+            .sum();
+        drop(w);
+        let (sm, dm) = (Metrics::new(), Metrics::new());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let t0 = Instant::now();
+        let job = tokio::spawn(run_job_with_metrics(
+            cfg.clone(),
+            Role::Both,
+            async {
+                let _ = rx.await;
+            },
+            sm.clone(),
+            dm.clone(),
+        ));
+        // Every loop restores once it has partitions (the gauge counts them
+        // before their restore).
+        let restored = |x: &Metrics, loops: usize| {
+            x.assigned_partitions.get() == i64::from(args.partitions)
+                && x.restore_seconds.get_sample_count()
+                    >= loops.min(args.partitions as usize) as u64
+        };
+        while !(restored(&sm, cfg.job.scorer_loops) && restored(&dm, 1)) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(120),
+                "restart: no restore"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let ready = t0.elapsed().as_secs_f64();
+        let (n, sum) = (
+            sm.restore_seconds.get_sample_count(),
+            sm.restore_seconds.get_sample_sum(),
+        );
+        tx.send(()).unwrap();
+        job.await.unwrap().expect("job");
+        println!(
+            "restart: all partitions assigned and restored {ready:.2}s after start; scorer restore {:.3}s in {n} assignment(s) ({} hosts' state, {states} records in the state topic incl. transaction markers)",
+            sum, args.hosts
         );
     }
 
