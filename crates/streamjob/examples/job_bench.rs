@@ -195,6 +195,31 @@ fn job_config(args: &Args, tag: &str, bootstrap: &str) -> JobConfig {
     c
 }
 
+/// The job (`role`) on its own task with fresh metrics; send on the channel
+/// to stop it.
+fn spawn_job(
+    cfg: &JobConfig,
+    role: Role,
+) -> (
+    Metrics,
+    Metrics,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), waterbear_streamjob::JobError>>,
+) {
+    let (sm, dm) = (Metrics::new(), Metrics::new());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let job = tokio::spawn(run_job_with_metrics(
+        cfg.clone(),
+        role,
+        async {
+            let _ = rx.await;
+        },
+        sm.clone(),
+        dm.clone(),
+    ));
+    (sm, dm, tx, job)
+}
+
 fn reader(c: &JobConfig, topic: &str, partitions: i32) -> BaseConsumer {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &c.params.brokers)
@@ -317,19 +342,9 @@ async fn main() {
     drop(c);
 
     // Phase 3: end to end.
-    let (sm, dm) = (Metrics::new(), Metrics::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let cpu0 = cpu_sample(bpid);
     let t0 = Instant::now();
-    let job = tokio::spawn(run_job_with_metrics(
-        cfg.clone(),
-        args.role,
-        async {
-            let _ = rx.await;
-        },
-        sm.clone(),
-        dm.clone(),
-    ));
+    let (sm, dm, tx, job) = spawn_job(&cfg, args.role);
     // Score batches are the scorer's committed "other" outputs.
     let batches = || sm.records_out.with_label_values(&["other"]).get();
     let decider = args.role != Role::Scorer;
@@ -387,18 +402,8 @@ async fn main() {
             })
             .sum();
         drop(w);
-        let (sm, dm) = (Metrics::new(), Metrics::new());
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let t0 = Instant::now();
-        let job = tokio::spawn(run_job_with_metrics(
-            cfg.clone(),
-            Role::Both,
-            async {
-                let _ = rx.await;
-            },
-            sm.clone(),
-            dm.clone(),
-        ));
+        let (sm, dm, tx, job) = spawn_job(&cfg, Role::Both);
         // Every loop restores once it has partitions (the gauge counts them
         // before their restore).
         let restored = |x: &Metrics, loops: usize| {
@@ -428,17 +433,7 @@ async fn main() {
 
     // Phase 4: latency.
     let cfg = job_config(&args, "lat", &bootstrap);
-    let (sm, dm) = (Metrics::new(), Metrics::new());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let job = tokio::spawn(run_job_with_metrics(
-        cfg.clone(),
-        Role::Both,
-        async {
-            let _ = rx.await;
-        },
-        sm.clone(),
-        dm.clone(),
-    ));
+    let (sm, dm, tx, job) = spawn_job(&cfg, Role::Both);
     wait_assigned(&[&sm, &dm], args.partitions as i64).await;
     let sent: Arc<Mutex<HashMap<(String, i64), u64>>> = Arc::default();
     let total = (args.rate * args.latency_secs) as usize;
