@@ -431,16 +431,16 @@ impl LatestByKey {
     fn push(&mut self, partition: i32, key: &[u8], state: Option<&[u8]>) {
         let Some(state) = state else { return };
         self.read += 1;
-        match self.index.get(&(partition, key.to_vec())) {
-            Some(&i) => {
-                let s = &mut self.states[i].2;
+        match self.index.entry((partition, key.to_vec())) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let s = &mut self.states[*e.get()].2;
                 s.clear();
                 s.extend_from_slice(state);
             }
-            None => {
-                self.index
-                    .insert((partition, key.to_vec()), self.states.len());
-                self.states.push((partition, key.to_vec(), state.to_vec()));
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.states
+                    .push((partition, e.key().1.clone(), state.to_vec()));
+                e.insert(self.states.len() - 1);
             }
         }
     }
