@@ -183,6 +183,40 @@ impl<const K: usize> RingSums<K> {
     pub fn sums(&self) -> &[f64; K] {
         &self.sums
     }
+
+    /// The row the next [`Self::push`] reads and overwrites.
+    #[inline]
+    pub(crate) fn next_row(&self) -> &[f64; K] {
+        &self.ring[self.pos]
+    }
+
+    /// Every row, oldest or not.
+    #[inline]
+    pub(crate) fn rows(&self) -> &[[f64; K]] {
+        &self.ring
+    }
+}
+
+/// Asks the CPU to start loading the cache lines of `v` (a hint: no effect
+/// on results, and none on targets without a prefetch instruction).
+#[inline]
+pub(crate) fn prefetch<T: ?Sized>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let p = (v as *const T).cast::<i8>();
+        let mut off = 0;
+        while off < std::mem::size_of_val(v) {
+            // SAFETY: `_mm_prefetch` needs SSE, which every x86_64 CPU has
+            // (it is in the target's baseline). A prefetch only hints the
+            // cache: it reads nothing into the program and never faults,
+            // whatever the address; this one is inside `v` anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
+            off += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
 }
 
 // bincode layout of a `RingSums`, its own and the same under any bincode

@@ -967,7 +967,11 @@ impl<T: Transform + 'static> Job<T> {
             }
             let dirty = std::mem::take(&mut inner.batch.dirty);
             for (part, keys) in &dirty {
-                for key in keys {
+                let mut keys = keys.iter().peekable();
+                while let Some(key) = keys.next() {
+                    if let Some(next) = keys.peek() {
+                        inner.transform.prefetch_state(next);
+                    }
                     if let Some(state) = inner.transform.state(key) {
                         send_blocking(
                             producer,

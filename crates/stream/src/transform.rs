@@ -105,6 +105,15 @@ pub trait Transform: Send {
         None
     }
 
+    /// A hint that [`Transform::state`] of `key` is asked for next: a
+    /// transform with much state may start loading it into the cache. The
+    /// job calls it one key ahead while it writes the states of a
+    /// transaction. It must not change anything [`Transform::state`] or
+    /// [`Transform::process`] return.
+    fn prefetch_state(&self, key: &[u8]) {
+        let _ = key;
+    }
+
     /// Loads the persisted state of `key` in `partition`: called once per
     /// key with its last state in the state topic (read to its end first,
     /// as compaction would leave it; tombstones are skipped). A state the

@@ -166,8 +166,15 @@ fn pass(cfg: &JobConfig, warm: &[Encoded], timed: &[Encoded], txn_records: usize
         batches.extend(scorer.flush());
         t.flush += t0.elapsed();
         let t0 = Instant::now();
-        for k in dirty.drain() {
-            if let Some(s) = scorer.state(&k) {
+        // As the stream loop: each key's state asked for with the next
+        // key's prefetch hint first.
+        let keys: Vec<Vec<u8>> = dirty.drain().collect();
+        let mut keys = keys.iter().peekable();
+        while let Some(k) = keys.next() {
+            if let Some(next) = keys.peek() {
+                scorer.prefetch_state(next);
+            }
+            if let Some(s) = scorer.state(k) {
                 t.state_bytes += s.len();
                 t.states += 1;
             }

@@ -134,7 +134,7 @@ pub struct Scorer {
     /// Keys up to 24 bytes sit in the bucket next to their slot: with 5,000
     /// hosts the heap bytes of a `Vec` key were a cache miss of their own
     /// (the key compare was ~4 % of the job's CPU).
-    hosts: HashMap<HostKey, Slot, foldhash::fast::RandomState>,
+    hosts: HashMap<HostKey, Box<Slot>, foldhash::fast::RandomState>,
     fv: FeatureVector,
     /// Scores not yet sent, per input partition and cluster (dropped with the
     /// partition: after an abort their inputs are replayed).
@@ -187,35 +187,33 @@ impl Scorer {
         rec: &HostRecord,
         now_ms: Option<i64>,
     ) -> Result<Score, ValidationError> {
-        let slot = self.hosts.get(rec.host_id.as_bytes());
-        let known = slot.is_some();
-        let last = check_host(
-            rec,
-            slot.and_then(|s| s.snap.last.as_ref()),
-            now_ms,
-            self.max_future_skew_ms,
-        )?;
         let params = &self.params;
-        // A known host is looked up without copying its id.
-        if !known {
-            self.hosts.insert(
-                HostKey::from_slice(rec.host_id.as_bytes()),
-                Slot {
-                    partition,
-                    snap: HostSnapshot {
-                        features: HostState::new(params),
-                        last: None,
-                    },
-                },
-            );
+        if let Some(slot) = self.hosts.get_mut(rec.host_id.as_bytes()) {
+            // One lookup for a known host. Its state (~0.5 KB and a window
+            // row) is rarely in cache with thousands of hosts: start loading
+            // all of it before the checks read the first field.
+            slot.snap.features.prefetch();
+            let last = check_host(
+                rec,
+                slot.snap.last.as_ref(),
+                now_ms,
+                self.max_future_skew_ms,
+            )?;
+            slot.partition = partition;
+            slot.snap.last = Some(last);
+            slot.snap.features.update(rec, params, &mut self.fv);
+            return Ok(self.detector.score(&self.fv));
         }
-        let slot = self
-            .hosts
-            .get_mut(rec.host_id.as_bytes())
-            .expect("inserted above");
-        slot.partition = partition;
-        slot.snap.last = Some(last);
-        slot.snap.features.update(rec, params, &mut self.fv);
+        let last = check_host(rec, None, now_ms, self.max_future_skew_ms)?;
+        let mut snap = HostSnapshot {
+            features: HostState::new(params),
+            last: Some(last),
+        };
+        snap.features.update(rec, params, &mut self.fv);
+        self.hosts.insert(
+            HostKey::from_slice(rec.host_id.as_bytes()),
+            Box::new(Slot { partition, snap }),
+        );
         Ok(self.detector.score(&self.fv))
     }
 
@@ -258,6 +256,11 @@ impl Scorer {
 
 impl Scorer {
     fn process_into(&mut self, r: &Record<'_>, rec: &mut HostRecord) -> Vec<Output> {
+        // The record's key is its host id (checked below): start loading the
+        // host's state now, so it arrives while the payload decodes.
+        if let Some(slot) = r.key.and_then(|k| self.hosts.get(k)) {
+            slot.snap.features.prefetch();
+        }
         if let Err(e) = decode_into(r.payload, rec) {
             return vec![dlq(r, e.kind(), e.to_string())];
         }
@@ -305,11 +308,17 @@ impl Transform for Scorer {
         self.hosts.get(key).map(|s| s.snap.encode())
     }
 
+    fn prefetch_state(&self, key: &[u8]) {
+        if let Some(slot) = self.hosts.get(key) {
+            slot.snap.features.prefetch_all();
+        }
+    }
+
     fn restore(&mut self, partition: i32, key: &[u8], state: &[u8]) {
         match HostSnapshot::decode(state) {
             Ok(snap) => {
                 self.hosts
-                    .insert(HostKey::from_slice(key), Slot { partition, snap });
+                    .insert(HostKey::from_slice(key), Box::new(Slot { partition, snap }));
             }
             Err(e) => tracing::warn!(partition, error = %e, "ignoring unreadable host state"),
         }
@@ -412,6 +421,51 @@ mod tests {
             assert_eq!(got, want);
             assert_eq!(second.state(b"h1"), straight.state(b"h1"));
         }
+    }
+
+    #[test]
+    fn a_refused_record_leaves_the_host_state_as_it_was() {
+        let mut s = scorer();
+        // A new host whose first record is refused gets no state.
+        let mut ahead = HostRecord::example("new", 0);
+        ahead.ts_ms = 10 * 300_000;
+        let out = s.process(&Record {
+            partition: 0,
+            offset: 0,
+            timestamp_ms: Some(0),
+            key: Some(b"new"),
+            payload: &encode_to_vec(&ahead),
+        });
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, Topic::Dlq);
+        assert_eq!(s.hosts(), 0);
+        assert_eq!(s.state(b"new"), None);
+
+        // A known host: a record older than its last, then one whose
+        // counter went backwards, change nothing; the next good one scores
+        // as if they had never come.
+        let recs = history("h1", 30);
+        let mut clean = scorer();
+        for r in &recs {
+            feed(&mut s, 0, r);
+            feed(&mut clean, 0, r);
+        }
+        let before = s.state(b"h1").unwrap();
+        let mut old = recs[10].clone();
+        old.cpu_util = 0.99;
+        let mut back = HostRecord::example("h1", 30 * 600_000);
+        back.ecc_corrected = 0;
+        for bad in [old, back] {
+            let out = feed(&mut s, 0, &bad);
+            assert_eq!(out.len(), 1);
+            assert_eq!(out[0].topic, Topic::Dlq);
+            assert_eq!(s.state(b"h1").unwrap(), before);
+        }
+        let next = history("h1", 31).pop().unwrap();
+        feed(&mut s, 0, &next);
+        feed(&mut clean, 0, &next);
+        assert_eq!(scores_of(&s.flush()), scores_of(&clean.flush()));
+        assert_eq!(s.state(b"h1"), clean.state(b"h1"));
     }
 
     #[test]
