@@ -189,10 +189,8 @@ impl Scorer {
     ) -> Result<Score, ValidationError> {
         let params = &self.params;
         if let Some(slot) = self.hosts.get_mut(rec.host_id.as_bytes()) {
-            // One lookup for a known host. Its state (~0.5 KB and a window
-            // row) is rarely in cache with thousands of hosts: start loading
-            // all of it before the checks read the first field.
-            slot.snap.features.prefetch();
+            // One lookup for a known host (its state was prefetched in
+            // `process_into`, before the decode).
             let last = check_host(
                 rec,
                 slot.snap.last.as_ref(),
