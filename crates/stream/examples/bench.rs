@@ -81,7 +81,11 @@ fn kv(s: &str) -> (String, String) {
 }
 
 fn config_for(args: &Args, tag: &str, bootstrap: &str) -> waterbear_stream::StreamParams {
-    let mut c = StreamConfig::from_file(&args.config).expect("config");
+    // The shipped file also holds the waterbear job's sections.
+    let text = std::fs::read_to_string(&args.config).expect("config file");
+    let mut c =
+        StreamConfig::from_toml_str_skipping(&text, &args.config, waterbear_stream::JOB_SECTIONS)
+            .expect("config");
     let id = format!("bench-{tag}-{}", now_us() % 1_000_000_000);
     c.kafka.brokers = bootstrap.to_string();
     c.kafka.group_id = format!("g-{id}");
