@@ -158,6 +158,18 @@ pub(crate) fn base_config(p: &StreamParams) -> ClientConfig {
 /// (docs/benchmarks-stream.md, "Seventh measurement").
 pub const FETCH_QUEUE_BACKOFF_MS: &str = "10";
 
+/// `heartbeat.interval.ms` for a consumer with session timeout `session`: a
+/// quarter of it, at most 500 ms. A member learns that its group is
+/// rebalancing only from a heartbeat's answer, so with librdkafka's 3 s
+/// default a loop that joins late (the second scorer loop at start, a restarted
+/// instance) waited up to 3 s for the others to give up partitions, while they
+/// carried its share alone: 2.3 s of a 6.8 s benchmark run on one loop
+/// (docs/benchmarks-stream.md, "Thirteenth measurement"). A heartbeat is a
+/// small request to the group coordinator; two a second per member is cheap.
+fn heartbeat_ms(session: Duration) -> u128 {
+    (session.as_millis() / 4).clamp(100, 500)
+}
+
 /// The consumer settings of the stream loops (group, read_committed, manual
 /// commits, security passthrough, `[kafka.consumer]`), for other consumers
 /// of the same topics.
@@ -174,9 +186,7 @@ pub fn consumer_config(p: &StreamParams) -> ClientConfig {
         )
         .set(
             "heartbeat.interval.ms",
-            (p.session_timeout.as_millis() / 4)
-                .clamp(250, 3000)
-                .to_string(),
+            heartbeat_ms(p.session_timeout).to_string(),
         )
         .set("statistics.interval.ms", "5000")
         .set("enable.partition.eof", "false")
@@ -1283,6 +1293,22 @@ mod tests {
             crate::StreamConfig::from_toml_str_skipping(&text, "t", crate::JOB_SECTIONS).unwrap();
         c.kafka.instance_id = "t-0".into();
         c.validate().unwrap()
+    }
+
+    #[test]
+    fn heartbeats_come_often_enough_to_notice_a_rebalance_soon() {
+        let ms = |s| heartbeat_ms(Duration::from_millis(s));
+        assert_eq!(
+            ms(10_000),
+            500,
+            "capped: rebalances are noticed within 0.5 s"
+        );
+        assert_eq!(ms(1_000), 250, "a quarter of a short session");
+        assert_eq!(ms(200), 100, "floor");
+        let c = consumer_config(&params(&[]));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("500"));
+        let c = consumer_config(&params(&[("heartbeat.interval.ms", "3000")]));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("3000"), "config wins");
     }
 
     #[test]
