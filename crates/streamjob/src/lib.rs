@@ -108,13 +108,18 @@ where
         shutdown.await;
         let _ = stop.send(true);
     });
-    let decider_params = cfg.decider_params(role == Role::Both);
-    // The decider's topics first: the scores topic must exist before the
-    // scorer produces to it.
+    let mut decider_params = cfg.decider_params(role == Role::Both);
+    // Every topic of both stages exists before any loop starts (the scores
+    // topic before the scorer produces to it), so the loops need not check
+    // again: each check costs a round of admin requests at start-up.
     if cfg.stream.topics.create {
-        waterbear_stream::ensure_topics(&decider_params).await?;
-        waterbear_stream::ensure_topics(&cfg.scorer_params()).await?;
+        let scorer_params = cfg.scorer_params();
+        tokio::try_join!(
+            waterbear_stream::ensure_topics(&decider_params),
+            waterbear_stream::ensure_topics(&scorer_params),
+        )?;
     }
+    decider_params.create_topics = false;
     // The archive runs beside the scorer (it reads the same telemetry topic).
     let archiver = match (&cfg.archive, role) {
         (Some(ap), Role::Scorer | Role::Both) => {
@@ -137,8 +142,10 @@ where
     let mut loops = Vec::new();
     if matches!(role, Role::Scorer | Role::Both) {
         for i in 0..cfg.job.scorer_loops {
+            let mut p = cfg.scorer_loop_params(i);
+            p.create_topics = false;
             let h = spawn_loop(
-                cfg.scorer_loop_params(i),
+                p,
                 cfg.scorer(),
                 scorer_metrics.clone(),
                 rx.clone(),
