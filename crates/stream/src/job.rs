@@ -143,12 +143,28 @@ pub async fn shutdown_signal() {
 
 pub(crate) fn base_config(p: &StreamParams) -> ClientConfig {
     let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &p.brokers);
+    c.set("bootstrap.servers", &p.brokers)
+        .set("enable.sparse.connections", SPARSE_CONNECTIONS);
     for (k, v) in &p.extra {
         c.set(k, v);
     }
     c
 }
+
+/// librdkafka's `enable.sparse.connections` for every client of the job
+/// (overridable in `[kafka.extra]`). With sparse connections (the default)
+/// a new client connects to its bootstrap address, learns the brokers from
+/// the first metadata, drops the bootstrap connection, and may open the next
+/// connection only 50 ms later (`reconnect.backoff.ms` / 2). Every client a
+/// start or a rebalance creates paid that: the restore reader ~50 ms, and a
+/// transactional producer whose coordinator lookup fell into that gap found
+/// no broker up and asked again only on a 500 ms timer, which about half of
+/// the producers created together did. Connecting to all brokers at once
+/// took `init_transactions` from 55-510 ms to 5-15 ms
+/// (docs/benchmarks-stream.md, "Fourteenth measurement"). The job's clients
+/// talk to most brokers anyway (partition leaders, group and transaction
+/// coordinators).
+pub const SPARSE_CONNECTIONS: &str = "false";
 
 /// librdkafka's `fetch.queue.backoff.ms` for every consumer of the job
 /// (overridable in `[kafka.consumer]`). Its default, 1000 ms, postpones a
@@ -525,6 +541,11 @@ fn restore_state<T: Transform>(
         ms = took.as_millis() as u64,
         "state restored"
     );
+    // Closing a consumer takes ~0.1 s (librdkafka's threads wind down), and
+    // the loop waits for the restore before it processes again: let another
+    // thread close it. The reader never joined its group and committed
+    // nothing, so its close has nothing left to do for the job.
+    std::thread::spawn(move || drop(consumer));
     Ok(())
 }
 
@@ -1309,6 +1330,30 @@ mod tests {
         assert_eq!(c.get("heartbeat.interval.ms"), Some("500"));
         let c = consumer_config(&params(&[("heartbeat.interval.ms", "3000")]));
         assert_eq!(c.get("heartbeat.interval.ms"), Some("3000"), "config wins");
+    }
+
+    #[test]
+    fn every_client_connects_to_all_brokers_unless_the_config_says_otherwise() {
+        let p = params(&[]);
+        for (what, c) in [
+            ("base", base_config(&p)),
+            ("consumer", consumer_config(&p)),
+            ("producer", producer_config(&p)),
+        ] {
+            assert_eq!(
+                c.get("enable.sparse.connections"),
+                Some(SPARSE_CONNECTIONS),
+                "{what}"
+            );
+        }
+        let mut p = params(&[]);
+        p.extra
+            .insert("enable.sparse.connections".into(), "true".into());
+        assert_eq!(
+            producer_config(&p).get("enable.sparse.connections"),
+            Some("true"),
+            "[kafka.extra] wins"
+        );
     }
 
     #[test]
