@@ -160,6 +160,13 @@ pub struct BatchConfig {
     /// Commit at the latest this long after the transaction's first record.
     #[serde(default = "default_max_ms")]
     pub max_ms: u64,
+    /// Commit an open transaction once no record has arrived for this long,
+    /// instead of waiting out `max_ms`: when the input runs dry (the end of a
+    /// backlog, a quiet partition, the decider between two score batches)
+    /// the last records' outputs become visible this much after them. Must be
+    /// < `max_ms`; 0 turns it off.
+    #[serde(default)]
+    pub idle_ms: u64,
     /// Timeout for transaction calls (init/commit/abort/send offsets) before
     /// the attempt is abandoned and retried or aborted.
     #[serde(default = "default_txn_call_timeout_ms")]
@@ -171,6 +178,7 @@ impl Default for BatchConfig {
         Self {
             max_records: default_max_records(),
             max_ms: default_max_ms(),
+            idle_ms: 0,
             txn_call_timeout_ms: default_txn_call_timeout_ms(),
         }
     }
@@ -268,6 +276,8 @@ pub struct StreamParams {
     pub batch_max_records: usize,
     /// Time per transaction.
     pub batch_max_time: Duration,
+    /// Input silence after which an open transaction is committed.
+    pub batch_idle: Option<Duration>,
     /// Timeout of one transaction call.
     pub txn_call_timeout: Duration,
     /// Metrics endpoint.
@@ -425,6 +435,12 @@ impl StreamConfig {
                 "must be < kafka.transaction_timeout_ms",
             ));
         }
+        if b.idle_ms >= b.max_ms {
+            return Err(invalid(
+                "batch.idle_ms",
+                "must be < batch.max_ms (0 turns it off)",
+            ));
+        }
         if b.txn_call_timeout_ms < 100 {
             return Err(invalid("batch.txn_call_timeout_ms", "must be >= 100"));
         }
@@ -468,6 +484,7 @@ impl StreamConfig {
             dlq_partitions: p.dlq,
             batch_max_records: b.max_records,
             batch_max_time: Duration::from_millis(b.max_ms),
+            batch_idle: (b.idle_ms > 0).then(|| Duration::from_millis(b.idle_ms)),
             txn_call_timeout: Duration::from_millis(b.txn_call_timeout_ms),
             metrics_listen,
         })
@@ -553,6 +570,20 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("kafka.extra.\"enable.auto.commit\" is managed")
+        );
+
+        let mut c = example();
+        c.batch.idle_ms = c.batch.max_ms;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "batch.idle_ms must be < batch.max_ms (0 turns it off)"
+        );
+        c.batch.idle_ms = 0;
+        assert_eq!(c.validate().unwrap().batch_idle, None);
+        c.batch.idle_ms = 1;
+        assert_eq!(
+            c.validate().unwrap().batch_idle,
+            Some(Duration::from_millis(1))
         );
 
         let mut c = example();

@@ -726,6 +726,9 @@ impl<T: Transform + 'static> Job<T> {
         // (docs/benchmarks-stream.md). `now` is read after each poll; the
         // next poll's timeout uses it, a few microseconds stale.
         let mut now = Instant::now();
+        // When the last record came: an open transaction is committed after
+        // `batch.idle_ms` without one.
+        let mut last_input = now;
         loop {
             if shared.stop.load(Ordering::SeqCst) {
                 break;
@@ -733,10 +736,18 @@ impl<T: Transform + 'static> Job<T> {
             let timeout = {
                 let inner = shared.lock();
                 match inner.batch.started {
-                    Some(s) => p
-                        .batch_max_time
-                        .saturating_sub(now.saturating_duration_since(s))
-                        .min(Duration::from_millis(100)),
+                    Some(s) => {
+                        let t = p
+                            .batch_max_time
+                            .saturating_sub(now.saturating_duration_since(s))
+                            .min(Duration::from_millis(100));
+                        match p.batch_idle {
+                            Some(idle) => t.min(
+                                idle.saturating_sub(now.saturating_duration_since(last_input)),
+                            ),
+                            None => t,
+                        }
+                    }
                     None => Duration::from_millis(100),
                 }
             };
@@ -759,6 +770,7 @@ impl<T: Transform + 'static> Job<T> {
             match polled {
                 Some(Ok(m)) => {
                     self.watch.last_record = now;
+                    last_input = now;
                     if let Err(e) = self.handle(&mut inner, &m) {
                         warn!(error = %e, "producing failed");
                         self.fail(&mut inner, &e);
@@ -786,7 +798,9 @@ impl<T: Transform + 'static> Job<T> {
                     || inner
                         .batch
                         .started
-                        .is_some_and(|s| now.saturating_duration_since(s) >= p.batch_max_time));
+                        .is_some_and(|s| now.saturating_duration_since(s) >= p.batch_max_time)
+                    || p.batch_idle
+                        .is_some_and(|i| now.saturating_duration_since(last_input) >= i));
             if due {
                 self.commit(&mut inner);
             }

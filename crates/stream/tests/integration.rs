@@ -63,6 +63,88 @@ async fn n_records_in_exact_outputs_out() {
     );
 }
 
+/// `batch.idle_ms`: a transaction is committed once no record has come for
+/// that long, not only `batch.max_ms` after its first record. With max_ms 8 s
+/// and idle_ms 50 ms, every transaction must be committed well under 8 s
+/// after its first record (the job's own `batch_latency` histogram), and the
+/// outputs arrive. Without the idle commit each would take at least 8 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_input_commits_the_open_transaction() {
+    init_tracing();
+    let names = Names::new("idle");
+    let parts = 2;
+    create_topic(&names.telemetry, parts);
+    let text = names
+        .config_toml(parts, 500, 8000)
+        .replace("max_ms = 8000", "max_ms = 8000\nidle_ms = 50");
+    let mut c = waterbear_stream::StreamConfig::from_toml_str(&text, "test").unwrap();
+    c.kafka.instance_id = "solo".into();
+    let params = c.validate().unwrap();
+    assert_eq!(params.batch_idle, Some(Duration::from_millis(50)));
+
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let metrics = Metrics::new();
+    let job = tokio::spawn(run_with_metrics(
+        params,
+        waterbear_stream::echo::EchoUpper::new(),
+        async {
+            let _ = rx.await;
+        },
+        metrics.clone(),
+    ));
+    // Two bursts, the second after the first's outputs are out: two
+    // transactions at least, each closed by the silence after its burst.
+    let p = producer();
+    let alerts = names.alerts.clone();
+    let mut c = tokio::task::spawn_blocking(move || Collector::new(&alerts, parts))
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    for burst in 0..2 {
+        let ins = inputs(&format!("b{burst}"), 40, 7);
+        produce(&p, &names.telemetry, &ins);
+        flush(&p);
+        all.extend(ins);
+        let n = all.len();
+        c = tokio::task::spawn_blocking(move || {
+            c.wait_for(n, Duration::from_secs(60), "outputs");
+            c
+        })
+        .await
+        .unwrap();
+    }
+    let outs = tokio::task::spawn_blocking(move || {
+        c.drain();
+        c.recs
+    })
+    .await
+    .unwrap();
+    assert_exactly_once(&expected(&all), &outs);
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), job)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    // Every transaction in the histogram's buckets up to 5 s (of 8 s).
+    let h = prometheus::core::Metric::metric(&metrics.batch_latency);
+    let h = h.get_histogram();
+    let total = h.get_sample_count();
+    assert!(total >= 2, "{total} transactions");
+    let within_5s = h
+        .get_bucket()
+        .iter()
+        .find(|b| b.upper_bound() == 5.0)
+        .map(|b| b.cumulative_count())
+        .unwrap();
+    assert_eq!(
+        within_5s,
+        total,
+        "some transactions were closed by batch.max_ms (8 s), not by the idle input; {} s in all",
+        h.get_sample_sum()
+    );
+}
+
 /// (3) Bad records -> DLQ with reason header and the original bytes; the
 /// job keeps running and processes the good records after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,6 +74,7 @@ dlq = 1
 [batch]
 max_records = 500
 max_ms = 50
+idle_ms = 10
 txn_call_timeout_ms = 5000
 
 [job]
