@@ -357,9 +357,15 @@ async fn main() {
     // Steady state: from the scorer's first committed transaction (group
     // joins and state restore excluded) to the end.
     let mut first: Option<(Instant, u64)> = None;
+    // When the scorer had committed every record (the rest is the decider's
+    // share of the last score batches).
+    let mut scored: Option<Instant> = None;
     while (sm.records_in.get() as usize) < m || (decider && dm.records_in.get() < batches()) {
         if first.is_none() && sm.records_in.get() > 0 {
             first = Some((Instant::now(), sm.records_in.get()));
+        }
+        if scored.is_none() && sm.records_in.get() as usize >= m {
+            scored = Some(Instant::now());
         }
         assert!(
             t0.elapsed() < Duration::from_secs(900),
@@ -397,6 +403,13 @@ async fn main() {
             (t1 - t0).as_secs_f64(),
             steady / ceiling,
             steady / high
+        );
+    }
+    if let Some(t2) = scored {
+        println!(
+            "scorer done {:.2}s after start, decider {:.2}s after the scorer",
+            (t2 - t0).as_secs_f64(),
+            (t_end - t2).as_secs_f64()
         );
     }
 
