@@ -52,6 +52,16 @@ pub struct JobSection {
     /// so partitions are scored in parallel and one loop's commit and fetch
     /// waits overlap another's work. They share the metrics.
     pub scorer_loops: usize,
+    /// The decider's `batch.idle_ms` (see the stream crate's `[batch]`);
+    /// absent: the same as the scorer's. Score batches reach the decider in
+    /// bursts, one per scorer commit, several a second at full load: a short
+    /// idle time commits after every burst and writes every touched
+    /// cluster's policy state each time, where a longer one (longer than the
+    /// gaps between bursts) commits at `batch.max_ms` while scores flow and
+    /// still soon after the last one. The shipped file sets 100 against the
+    /// scorer's 20 (docs/benchmarks-stream.md, "Fourteenth measurement").
+    /// Must be < `batch.max_ms`; 0 = off.
+    pub decider_idle_ms: Option<u64>,
 }
 
 impl Default for JobSection {
@@ -64,6 +74,7 @@ impl Default for JobSection {
             max_future_skew_ms: 5 * 60 * 1000,
             model: None,
             scorer_loops: 1,
+            decider_idle_ms: None,
         }
     }
 }
@@ -215,6 +226,16 @@ impl JobConfig {
             stream.kafka.instance_id = id.to_string();
         }
         let params = stream.validate()?;
+        if let Some(ms) = job.decider_idle_ms
+            && ms >= stream.batch.max_ms
+        {
+            return Err(JobConfigError::Job {
+                path: origin.to_string(),
+                field: "decider_idle_ms",
+                value: ms.to_string(),
+                expected: "less than batch.max_ms (0 = off)",
+            });
+        }
         let features = pipeline
             .features
             .clone()
@@ -286,6 +307,9 @@ impl JobConfig {
         p.telemetry_topic = self.job.scores_topic.clone();
         p.telemetry_partitions = self.job.scores_partitions;
         p.state_topic = self.job.decider_state_topic.clone();
+        if let Some(ms) = self.job.decider_idle_ms {
+            p.batch_idle = (ms > 0).then(|| std::time::Duration::from_millis(ms));
+        }
         if with_scorer {
             p.metrics_listen = None;
         }
@@ -455,6 +479,33 @@ mod tests {
             let e = load(&format!("[job]\nscorer_loops = {bad}")).unwrap_err();
             assert!(e.to_string().contains("job.scorer_loops"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_decider_has_its_own_idle_time() {
+        use std::time::Duration;
+        let c = load("").unwrap();
+        assert_eq!(c.params.batch_idle, Some(Duration::from_millis(20)));
+        assert_eq!(
+            c.decider_params(true).batch_idle,
+            Some(Duration::from_millis(100))
+        );
+        let c = load("[job]\ndecider_idle_ms = 0").unwrap();
+        assert_eq!(c.decider_params(true).batch_idle, None);
+        let mut base: toml::Table = toml::from_str(SHIPPED).unwrap();
+        base["job"]
+            .as_table_mut()
+            .unwrap()
+            .remove("decider_idle_ms");
+        let c = JobConfig::from_toml_str(&toml::to_string(&base).unwrap(), "t.toml", Some("t"))
+            .unwrap();
+        assert_eq!(
+            c.decider_params(true).batch_idle,
+            c.params.batch_idle,
+            "absent: the scorer's"
+        );
+        let e = load("[job]\ndecider_idle_ms = 250").unwrap_err();
+        assert!(e.to_string().contains("job.decider_idle_ms"), "{e}");
     }
 
     #[test]
