@@ -18,7 +18,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -285,6 +285,7 @@ struct Shared<T> {
     metrics: Metrics,
     stop: Arc<AtomicBool>,
     inner: Mutex<Inner<T>>,
+    progress: Arc<Progress>,
 }
 
 impl<T> Shared<T> {
@@ -391,6 +392,7 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
 /// Aborts the open transaction (retrying retriable errors, recreating the
 /// producer if it is unusable) and clears the batch. Does not rewind.
 fn abort_open<T>(shared: &Shared<T>, inner: &mut Inner<T>, why: &str) {
+    shared.progress.set(Phase::Rewind);
     let timeout = shared.params.txn_call_timeout;
     warn!(why, records = inner.batch.records, "aborting transaction");
     // Bounded by the transaction timeout: after it the coordinator aborts on
@@ -642,6 +644,129 @@ fn stall_after(p: &StreamParams) -> Duration {
     (p.transaction_timeout * 2).max(Duration::from_secs(20))
 }
 
+/// What a loop is doing, for [`Progress`]'s watchdog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Phase {
+    /// In `poll` (rebalance callbacks and state restore run inside it).
+    Poll = 0,
+    /// Processing a polled record.
+    Process = 1,
+    /// Writing the touched keys' state.
+    CommitState = 2,
+    /// `send_offsets_to_transaction`.
+    CommitOffsets = 3,
+    /// Waiting for the outputs' delivery reports.
+    CommitDelivery = 4,
+    /// `commit_transaction`.
+    CommitTransaction = 5,
+    /// Aborting or rewinding to the last committed transaction.
+    Rewind = 6,
+    /// Creating a producer (`init_transactions`) or replacing the consumer.
+    Reconnect = 7,
+    /// The loop has ended.
+    Done = 8,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Poll,
+            1 => Self::Process,
+            2 => Self::CommitState,
+            3 => Self::CommitOffsets,
+            4 => Self::CommitDelivery,
+            5 => Self::CommitTransaction,
+            6 => Self::Rewind,
+            7 => Self::Reconnect,
+            _ => Self::Done,
+        }
+    }
+}
+
+/// Where a loop is and since when, so a loop that hangs says where. CI saw
+/// the broker-restart test stop after one transaction past the restart (two
+/// runs in weeks, 2026-11-25 and 2026-12-04) with nothing in the job's log
+/// after a state restore: a call that never returned, or a consumer that
+/// fetched nothing while the stall check could not read its watermarks. The
+/// watchdog names the phase the next time.
+struct Progress {
+    phase: AtomicU8,
+    /// Milliseconds since `origin` when `phase` was entered.
+    since_ms: AtomicU64,
+    origin: Instant,
+}
+
+/// A loop in one phase for this long is reported (once a minute while it
+/// stays there). Every phase but a broker outage's retries ends far sooner.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            phase: AtomicU8::new(Phase::Poll as u8),
+            since_ms: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+
+    fn set(&self, phase: Phase) {
+        self.set_at(phase, Instant::now());
+    }
+
+    /// As [`Self::set`] with a clock read the caller already has: the loop
+    /// goes from poll to process and back for every record, and the clock
+    /// is a measurable share of it.
+    fn set_at(&self, phase: Phase, now: Instant) {
+        if self.phase.load(Ordering::Relaxed) != phase as u8 {
+            let ms = now.saturating_duration_since(self.origin).as_millis() as u64;
+            self.since_ms.store(ms, Ordering::Relaxed);
+            self.phase.store(phase as u8, Ordering::Relaxed);
+        }
+    }
+
+    /// The phase and how long the loop has been in it, at `now`.
+    fn stuck(&self, now: Instant) -> (Phase, Duration) {
+        let phase = Phase::from_u8(self.phase.load(Ordering::Relaxed));
+        let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
+        (
+            phase,
+            now.saturating_duration_since(self.origin)
+                .saturating_sub(since),
+        )
+    }
+
+    /// Warns while the loop stays in one phase past [`STUCK_AFTER`]; ends
+    /// with the loop.
+    fn watch(self: Arc<Self>, id: String) {
+        let spawned = std::thread::Builder::new()
+            .name("loop-watchdog".into())
+            .spawn(move || {
+                let mut reported: Option<(u64, Instant)> = None;
+                loop {
+                    std::thread::sleep(Duration::from_secs(1));
+                    let now = Instant::now();
+                    let (phase, for_) = self.stuck(now);
+                    if phase == Phase::Done {
+                        return;
+                    }
+                    let entered = self.since_ms.load(Ordering::Relaxed);
+                    let due = match reported {
+                        Some((at, last)) if at == entered => now - last >= Duration::from_secs(60),
+                        _ => true,
+                    };
+                    if for_ >= STUCK_AFTER && due {
+                        warn!(instance = %id, ?phase, secs = for_.as_secs(), "loop stuck");
+                        reported = Some((entered, now));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!(error = %e, "could not start the loop watchdog");
+        }
+    }
+}
+
 fn offset_in(tpl: &TopicPartitionList, topic: &str, part: i32) -> Option<i64> {
     match tpl.find_partition(topic, part)?.offset() {
         Offset::Offset(o) => Some(o),
@@ -698,6 +823,7 @@ impl<T: Transform + 'static> Job<T> {
             params,
             metrics,
             stop,
+            progress: Arc::new(Progress::new()),
         });
         let consumer: BaseConsumer<Ctx<T>> =
             consumer_config(&shared.params).create_with_context(Ctx {
@@ -720,6 +846,18 @@ impl<T: Transform + 'static> Job<T> {
 
     fn run_loop(mut self) -> Result<RunSummary, StreamError> {
         let shared = self.shared.clone();
+        /// Ends the watchdog however the loop ends.
+        struct Finished(Arc<Progress>);
+        impl Drop for Finished {
+            fn drop(&mut self) {
+                self.0.set(Phase::Done);
+            }
+        }
+        shared
+            .progress
+            .clone()
+            .watch(shared.params.transactional_id.clone());
+        let _finished = Finished(shared.progress.clone());
         let p = &shared.params;
         // One clock read per record: the clock is a measurable share of the
         // loop at a few hundred thousand records a second
@@ -751,10 +889,13 @@ impl<T: Transform + 'static> Job<T> {
                     None => Duration::from_millis(100),
                 }
             };
+            shared.progress.set_at(Phase::Poll, now);
             let polled = self.consumer.poll(timeout);
             now = Instant::now();
+            shared.progress.set_at(Phase::Process, now);
             let mut inner = shared.lock();
             if inner.producer.is_none() {
+                shared.progress.set(Phase::Reconnect);
                 inner.producer = create_producer(p, &shared.stop);
                 if inner.producer.is_none() {
                     break; // stopping
@@ -839,15 +980,34 @@ impl<T: Transform + 'static> Job<T> {
             return None;
         }
         let topic = p.telemetry_topic.as_str();
-        let positions = self.consumer.position().ok()?;
+        let silent = now - self.watch.last_record;
+        // A consumer that fetches nothing may not answer these either (it
+        // shares the wedged connections): that is a stall too, not a reason
+        // to say nothing. If the broker is down, the new consumer waits for
+        // it like the old one; this runs at most once per stall time.
+        let positions = match self.consumer.position() {
+            Ok(p) => p,
+            Err(e) => {
+                return Some(format!(
+                    "no record for {silent:?}, and the positions cannot be read: {e}"
+                ));
+            }
+        };
         // Asked for only when a partition has no position yet.
         let mut committed: Option<Option<TopicPartitionList>> = None;
         let mut parts = Vec::new();
         for &part in &inner.assigned {
-            let (lo, hi) = self
+            let (lo, hi) = match self
                 .consumer
                 .fetch_watermarks(topic, part, p.txn_call_timeout)
-                .ok()?;
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    return Some(format!(
+                        "no record for {silent:?}, and the high watermark of partition {part} cannot be read: {e}"
+                    ));
+                }
+            };
             let at = offset_in(&positions, topic, part)
                 .or_else(|| {
                     committed
@@ -860,8 +1020,7 @@ impl<T: Transform + 'static> Job<T> {
         }
         let behind = self.watch.stalled(&parts)?;
         Some(format!(
-            "no record for {:?} while partitions have records beyond the position (partition, high watermark): {behind:?}",
-            now - self.watch.last_record
+            "no record for {silent:?} while partitions have records beyond the position (partition, high watermark): {behind:?}"
         ))
     }
 
@@ -870,6 +1029,7 @@ impl<T: Transform + 'static> Job<T> {
     /// with a new client.
     fn recreate_consumer(&mut self, why: &str) -> Result<(), StreamError> {
         let shared = self.shared.clone();
+        shared.progress.set(Phase::Reconnect);
         warn!(why, "replacing the consumer");
         shared.metrics.consumer_replaced.inc();
         {
@@ -990,6 +1150,7 @@ impl<T: Transform + 'static> Job<T> {
         let shared = &self.shared;
         let p = &shared.params;
         let result = (|| -> Result<(), KafkaError> {
+            shared.progress.set(Phase::CommitState);
             let t_state = Instant::now();
             let flushed = match catch_unwind(AssertUnwindSafe(|| inner.transform.flush())) {
                 Ok(o) => o,
@@ -1037,6 +1198,7 @@ impl<T: Transform + 'static> Job<T> {
                 .group_metadata()
                 .ok_or(KafkaError::Global(RDKafkaErrorCode::State))?;
             let t_offsets = Instant::now();
+            shared.progress.set(Phase::CommitOffsets);
             retry_call(&shared.stop, p.transaction_timeout, || {
                 producer.send_offsets_to_transaction(&tpl, &gm, p.txn_call_timeout)
             })?;
@@ -1045,7 +1207,9 @@ impl<T: Transform + 'static> Job<T> {
             // in 100 ms poll slices; the producer's own thread serves the
             // delivery reports, so wait for them here at a finer grain and
             // the flush inside commit_transaction finds nothing left to do.
+            shared.progress.set(Phase::CommitDelivery);
             wait_delivered(producer, p.txn_call_timeout);
+            shared.progress.set(Phase::CommitTransaction);
             retry_call(&shared.stop, p.transaction_timeout, || {
                 producer.commit_transaction(p.txn_call_timeout)
             })?;
@@ -1132,6 +1296,7 @@ impl<T: Transform + 'static> Job<T> {
     /// back to the committed offsets.
     fn rewind(&self, inner: &mut Inner<T>) {
         let shared = &self.shared;
+        shared.progress.set(Phase::Rewind);
         let p = &shared.params;
         let parts: Vec<i32> = inner.assigned.iter().copied().collect();
         info!(?parts, "rewinding to the last committed transaction");
@@ -1344,6 +1509,37 @@ mod tests {
         assert_eq!(c.get("heartbeat.interval.ms"), Some("500"));
         let c = consumer_config(&params(&[("heartbeat.interval.ms", "3000")]));
         assert_eq!(c.get("heartbeat.interval.ms"), Some("3000"), "config wins");
+    }
+
+    #[test]
+    fn progress_names_the_phase_and_how_long_the_loop_has_been_in_it() {
+        let p = Progress::new();
+        p.set(Phase::CommitOffsets);
+        let entered = Duration::from_millis(p.since_ms.load(Ordering::Relaxed));
+        let later = p.origin + Duration::from_secs(40);
+        assert_eq!(
+            p.stuck(later),
+            (Phase::CommitOffsets, Duration::from_secs(40) - entered)
+        );
+        // the same phase again keeps its start: a loop retrying one call
+        // is still stuck in it
+        p.set(Phase::CommitOffsets);
+        assert_eq!(p.stuck(later).1, Duration::from_secs(40) - entered);
+        p.set(Phase::Poll);
+        assert_eq!(p.stuck(later).0, Phase::Poll);
+        for phase in [
+            Phase::Poll,
+            Phase::Process,
+            Phase::CommitState,
+            Phase::CommitOffsets,
+            Phase::CommitDelivery,
+            Phase::CommitTransaction,
+            Phase::Rewind,
+            Phase::Reconnect,
+            Phase::Done,
+        ] {
+            assert_eq!(Phase::from_u8(phase as u8), phase);
+        }
     }
 
     #[test]
