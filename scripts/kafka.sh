@@ -232,7 +232,13 @@ cmd_start() {
     cport=$(free_port $((PORT + 1)))
     write_config "$cport"
     local cluster_id
-    cluster_id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    # URL-safe base64 of 16 random bytes, as Kafka's own Uuid.randomUuid(), which also
+    # draws again when the id starts with '-': the tool's argument parser would take
+    # such an id for an option ("--cluster-id: expected one argument", 1 start in 64).
+    cluster_id=-
+    while [ "${cluster_id#-}" != "$cluster_id" ]; do
+        cluster_id=$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=')
+    done
     java_cls kafka.tools.StorageTool format -t "$cluster_id" -c "$PROPS" >"$RUN_DIR/format.log" 2>&1 \
         || { cat "$RUN_DIR/format.log" >&2; die "kafka-storage format failed"; }
     launch
