@@ -35,6 +35,7 @@ use smallvec::SmallVec;
 use tracing::{debug, error, info, warn};
 
 use crate::config::StreamParams;
+use crate::fetch::FetchQueue;
 use crate::metrics::{Metrics, serve_metrics};
 use crate::transform::{Output, Record, Topic, Transform};
 
@@ -259,7 +260,7 @@ struct Batch {
     open: bool,
     started: Option<Instant>,
     oldest_ts_ms: Option<i64>,
-    offsets: HashMap<i32, i64>,
+    offsets: HashMap<i32, i64, foldhash::fast::RandomState>,
     /// Keys touched in this batch, per input partition. Keys up to 24 bytes
     /// (host ids) sit inside the set's buckets: one cache miss less per
     /// record than a `Vec`'s heap bytes.
@@ -298,7 +299,77 @@ impl<T> Shared<T> {
 
 struct Ctx<T> {
     shared: Arc<Shared<T>>,
+    /// This consumer's [`FetchQueue`]: the loop fills it, the post-rebalance
+    /// callback routes newly assigned partitions to it. [`GroupConsumer`]
+    /// drops it before the consumer.
+    fetch: Mutex<Option<FetchQueue>>,
 }
+
+impl<T> Ctx<T> {
+    fn fetch(&self) -> MutexGuard<'_, Option<FetchQueue>> {
+        self.fetch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl<T: Transform> Ctx<T> {
+    /// Routes `parts` of the input topic to this consumer's batch queue.
+    fn route(&self, c: &BaseConsumer<Self>, parts: &[i32]) {
+        if let Some(q) = self.fetch().as_ref() {
+            let unknown = q.route(c, &self.shared.params.telemetry_topic, parts);
+            if !unknown.is_empty() {
+                warn!(
+                    ?unknown,
+                    "partitions not routed to the batch queue; they are polled one by one"
+                );
+            }
+        }
+    }
+}
+
+/// The group consumer and its [`FetchQueue`] (in the consumer's context),
+/// which must go first: a queue outliving its client is used after free.
+struct GroupConsumer<T: Transform>(BaseConsumer<Ctx<T>>);
+
+impl<T: Transform> GroupConsumer<T> {
+    fn new(shared: &Arc<Shared<T>>) -> Result<Self, KafkaError> {
+        let consumer: BaseConsumer<Ctx<T>> =
+            consumer_config(&shared.params).create_with_context(Ctx {
+                shared: shared.clone(),
+                fetch: Mutex::new(None),
+            })?;
+        let queue = FetchQueue::new(&consumer, FETCH_BATCH);
+        *consumer.context().fetch() = Some(queue);
+        consumer.subscribe(&[&shared.params.telemetry_topic])?;
+        Ok(Self(consumer))
+    }
+}
+
+impl<T: Transform> std::ops::Deref for GroupConsumer<T> {
+    type Target = BaseConsumer<Ctx<T>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<T: Transform> Drop for GroupConsumer<T> {
+    fn drop(&mut self) {
+        drop(self.0.context().fetch().take());
+    }
+}
+
+/// Records taken from the consumer in one call (see [`FetchQueue`]).
+const FETCH_BATCH: usize = 1024;
+
+/// The longest the loop waits for records before it serves the consumer
+/// queue (rebalances, errors) again.
+const EVENT_WAIT: Duration = Duration::from_millis(10);
+
+/// How often the loop routes its assigned partitions to the batch queue
+/// again. librdkafka ends a partition's routing when its fetcher stops, and
+/// the stop of a revoked partition may complete after the partition was
+/// assigned again and routed; its records then wait in the partition's own
+/// queue until routed again (they keep their order: routing moves them).
+const ROUTE_EVERY: Duration = Duration::from_millis(250);
 
 impl<T: Transform> ClientContext for Ctx<T> {
     fn stats(&self, s: Statistics) {
@@ -331,7 +402,13 @@ impl<T: Transform> ClientContext for Ctx<T> {
 }
 
 impl<T: Transform> ConsumerContext for Ctx<T> {
-    fn pre_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // Before `assign` starts the fetchers: a partition routed once
+            // never hands its records to the consumer queue (see `fetch`).
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            self.route(c, &parts);
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let shared = &self.shared;
             shared.metrics.rebalances.inc();
@@ -363,12 +440,16 @@ impl<T: Transform> ConsumerContext for Ctx<T> {
         }
     }
 
-    fn post_rebalance(&self, _c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, c: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
                 let shared = &self.shared;
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 info!(?parts, "partitions assigned");
+                // Again: a fetcher of the last assignment that stopped only
+                // now has cleared the routing (the loop also routes again
+                // every `ROUTE_EVERY`).
+                self.route(c, &parts);
                 let mut inner = shared.lock();
                 for p in &parts {
                     inner.transform.forget_partition(*p);
@@ -568,7 +649,7 @@ impl ConsumerContext for QuietEof {}
 
 struct Job<T: Transform + 'static> {
     shared: Arc<Shared<T>>,
-    consumer: BaseConsumer<Ctx<T>>,
+    consumer: GroupConsumer<T>,
     started: Instant,
     watch: StallWatch,
 }
@@ -825,11 +906,7 @@ impl<T: Transform + 'static> Job<T> {
             stop,
             progress: Arc::new(Progress::new()),
         });
-        let consumer: BaseConsumer<Ctx<T>> =
-            consumer_config(&shared.params).create_with_context(Ctx {
-                shared: shared.clone(),
-            })?;
-        consumer.subscribe(&[&shared.params.telemetry_topic])?;
+        let consumer = GroupConsumer::new(&shared)?;
         info!(
             group = %shared.params.group_id,
             instance = %shared.params.instance_id,
@@ -859,11 +936,12 @@ impl<T: Transform + 'static> Job<T> {
             .watch(shared.params.transactional_id.clone());
         let _finished = Finished(shared.progress.clone());
         let p = &shared.params;
-        // One clock read per record: the clock is a measurable share of the
-        // loop at a few hundred thousand records a second
-        // (docs/benchmarks-stream.md). `now` is read after each poll; the
-        // next poll's timeout uses it, a few microseconds stale.
+        // One clock read per batch of records: the clock was a measurable
+        // share of the loop at a few hundred thousand records a second
+        // (docs/benchmarks-stream.md). `now` is read after each fill; the
+        // next wait uses it, a few microseconds stale.
         let mut now = Instant::now();
+        let mut last_route = now;
         // When the last record came: an open transaction is committed after
         // `batch.idle_ms` without one.
         let mut last_input = now;
@@ -889,8 +967,27 @@ impl<T: Transform + 'static> Job<T> {
                     None => Duration::from_millis(100),
                 }
             };
+            if now.saturating_duration_since(last_route) >= ROUTE_EVERY {
+                last_route = now;
+                let parts: Vec<i32> = shared.lock().assigned.iter().copied().collect();
+                self.consumer.context().route(&self.consumer, &parts);
+            }
             shared.progress.set_at(Phase::Poll, now);
-            let polled = self.consumer.poll(timeout);
+            // Rebalances, errors, statistics, and records of partitions not
+            // routed to the batch queue (see `fetch`): without waiting.
+            let polled = self.consumer.poll(Duration::ZERO);
+            let mut fetch = self.consumer.context().fetch();
+            let queue = fetch
+                .as_mut()
+                .expect("the fetch queue lives as long as its consumer");
+            // Wait for records only when the consumer queue had nothing, and
+            // not so long that a rebalance waits for it.
+            let wait = if polled.is_some() {
+                Duration::ZERO
+            } else {
+                timeout.min(EVENT_WAIT)
+            };
+            let fetched = queue.fill(wait);
             now = Instant::now();
             shared.progress.set_at(Phase::Process, now);
             let mut inner = shared.lock();
@@ -903,46 +1000,67 @@ impl<T: Transform + 'static> Job<T> {
                 inner.needs_rewind = true;
             }
             if inner.needs_rewind {
-                // The polled message predates the rewind: drop it, the seek
-                // makes it come again.
+                // The records taken predate the rewind: drop them, the seek
+                // makes them come again.
+                drop(fetch);
                 self.rewind(&mut inner);
                 continue;
+            }
+            let mut check_consumer = fetched == 0;
+            if fetched > 0 {
+                self.watch.last_record = now;
+                last_input = now;
+                shared.metrics.fetch_records.observe(fetched as f64);
             }
             match polled {
                 Some(Ok(m)) => {
                     self.watch.last_record = now;
                     last_input = now;
-                    if let Err(e) = self.handle(&mut inner, &m) {
-                        warn!(error = %e, "producing failed");
-                        self.fail(&mut inner, &e);
+                    check_consumer = false;
+                    let rec = Record {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        timestamp_ms: m.timestamp().to_millis(),
+                        key: m.key(),
+                        payload: m.payload().unwrap_or_default(),
+                    };
+                    if !self.step(&mut inner, &rec, now, last_input) {
                         continue;
                     }
                 }
                 Some(Err(e)) => {
                     debug!(error = %e, "consumer error");
-                    if let Some(why) = self.consumer_broken(&inner) {
-                        drop(inner);
-                        self.recreate_consumer(&why)?;
-                        continue;
-                    }
+                    check_consumer = true;
                 }
-                None => {
-                    if let Some(why) = self.consumer_broken(&inner) {
-                        drop(inner);
-                        self.recreate_consumer(&why)?;
-                        continue;
+                None => {}
+            }
+            for m in queue.messages() {
+                // A failed transaction drops the rest: the rewind brings it
+                // again.
+                if inner.needs_rewind || inner.producer.is_none() {
+                    break;
+                }
+                match m.record() {
+                    Ok(rec) => {
+                        if !self.step(&mut inner, &rec, now, last_input) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "consumer error");
+                        check_consumer = true;
                     }
                 }
             }
-            let due = inner.batch.open
-                && (inner.batch.records as usize >= p.batch_max_records
-                    || inner
-                        .batch
-                        .started
-                        .is_some_and(|s| now.saturating_duration_since(s) >= p.batch_max_time)
-                    || p.batch_idle
-                        .is_some_and(|i| now.saturating_duration_since(last_input) >= i));
-            if due {
+            drop(fetch);
+            if check_consumer {
+                if let Some(why) = self.consumer_broken(&inner) {
+                    drop(inner);
+                    self.recreate_consumer(&why)?;
+                    continue;
+                }
+            }
+            if self.due(&inner, now, last_input) {
                 self.commit(&mut inner);
             }
         }
@@ -1045,11 +1163,7 @@ impl<T: Transform + 'static> Job<T> {
             inner.assigned.clear();
             inner.needs_rewind = false;
         }
-        let consumer: BaseConsumer<Ctx<T>> =
-            consumer_config(&shared.params).create_with_context(Ctx {
-                shared: shared.clone(),
-            })?;
-        consumer.subscribe(&[&shared.params.telemetry_topic])?;
+        let consumer = GroupConsumer::new(&shared)?;
         // The old client is dropped (closed) without holding the lock: its
         // close may run the revoke callback.
         drop(std::mem::replace(&mut self.consumer, consumer));
@@ -1059,12 +1173,56 @@ impl<T: Transform + 'static> Job<T> {
         Ok(())
     }
 
-    /// Processes one record inside the open (or a new) transaction.
-    fn handle(
+    /// Processes one record and commits when the batch is due; false when
+    /// producing failed (the transaction failed and a rewind is due).
+    fn step(
         &self,
         inner: &mut Inner<T>,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Result<(), KafkaError> {
+        rec: &Record<'_>,
+        now: Instant,
+        last_input: Instant,
+    ) -> bool {
+        // Records of a partition come in offset order (see `fetch`); one
+        // that does not would make the batch commit a wrong offset.
+        if let Some(&next) = inner.batch.offsets.get(&rec.partition) {
+            if rec.offset < next {
+                error!(
+                    partition = rec.partition,
+                    offset = rec.offset,
+                    next,
+                    "record out of order; aborting and rewinding"
+                );
+                abort_open(&self.shared, inner, "record out of order");
+                inner.needs_rewind = true;
+                return false;
+            }
+        }
+        if let Err(e) = self.handle(inner, rec) {
+            warn!(error = %e, "producing failed");
+            self.fail(inner, &e);
+            return false;
+        }
+        if self.due(inner, now, last_input) {
+            self.commit(inner);
+        }
+        true
+    }
+
+    /// Whether the open batch must be committed now: full, old, or idle.
+    fn due(&self, inner: &Inner<T>, now: Instant, last_input: Instant) -> bool {
+        let p = &self.shared.params;
+        inner.batch.open
+            && (inner.batch.records as usize >= p.batch_max_records
+                || inner
+                    .batch
+                    .started
+                    .is_some_and(|s| now.saturating_duration_since(s) >= p.batch_max_time)
+                || p.batch_idle
+                    .is_some_and(|i| now.saturating_duration_since(last_input) >= i))
+    }
+
+    /// Processes one record inside the open (or a new) transaction.
+    fn handle(&self, inner: &mut Inner<T>, rec: &Record<'_>) -> Result<(), KafkaError> {
         let p = &self.shared.params;
         if !inner.batch.open {
             inner
@@ -1075,14 +1233,7 @@ impl<T: Transform + 'static> Job<T> {
             inner.batch.open = true;
             inner.batch.started = Some(Instant::now());
         }
-        let rec = Record {
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp_ms: m.timestamp().to_millis(),
-            key: m.key(),
-            payload: m.payload().unwrap_or_default(),
-        };
-        let outputs = match catch_unwind(AssertUnwindSafe(|| inner.transform.process(&rec))) {
+        let outputs = match catch_unwind(AssertUnwindSafe(|| inner.transform.process(rec))) {
             Ok(o) => o,
             Err(panic) => {
                 let msg = panic
@@ -1101,7 +1252,7 @@ impl<T: Transform + 'static> Job<T> {
         let producer = inner.producer.as_ref().expect("producer present");
         let (mut alerts, mut dlq, mut other) = (0u64, 0u64, 0u64);
         for o in &outputs {
-            let sent_as = match produce_output(producer, p, Some(&rec), o) {
+            let sent_as = match produce_output(producer, p, Some(rec), o) {
                 Ok(()) => o.topic.clone(),
                 // A record the client refuses outright (too large, unknown
                 // topic) would fail every replay: dead-letter the input
@@ -1115,7 +1266,7 @@ impl<T: Transform + 'static> Job<T> {
                         rec.payload,
                         format!("output to {:?} rejected: {code}", o.topic),
                     );
-                    produce_output(producer, p, Some(&rec), &d)?;
+                    produce_output(producer, p, Some(rec), &d)?;
                     Topic::Dlq
                 }
                 Err(e) => return Err(e),

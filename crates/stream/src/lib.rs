@@ -16,12 +16,14 @@
 pub mod admin;
 pub mod config;
 pub mod echo;
+pub mod fetch;
 pub mod job;
 pub mod metrics;
 pub mod transform;
 
 pub use admin::ensure_topics;
 pub use config::{ConfigError, JOB_SECTIONS, StreamConfig, StreamParams};
+pub use fetch::{FetchQueue, Fetched};
 pub use job::{
     FETCH_QUEUE_BACKOFF_MS, RunSummary, StreamError, consumer_config, run, run_with_metrics,
     shutdown_signal,

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub commit_seconds: Histogram,
     /// `waterbear_stream_restore_seconds`: state restore time per assignment.
     pub restore_seconds: Histogram,
+    /// `waterbear_stream_fetch_records`: records taken from the consumer in
+    /// one batch (see [`crate::FetchQueue`]); a mean near 1 means the loop
+    /// keeps up record by record, near 1024 that it is behind.
+    pub fetch_records: Histogram,
     /// `waterbear_stream_assigned_partitions`.
     pub assigned_partitions: IntGauge,
     /// `waterbear_stream_rebalances_total`.
@@ -123,6 +127,14 @@ impl Metrics {
             .buckets(LATENCY_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let fetch_records = Histogram::with_opts(
+            HistogramOpts::new(
+                "waterbear_stream_fetch_records",
+                "Records taken from the consumer in one batch",
+            )
+            .buckets(prometheus::exponential_buckets(1.0, 4.0, 6).expect("valid buckets")),
+        )
+        .expect("valid metric");
         let assigned_partitions = IntGauge::new(
             "waterbear_stream_assigned_partitions",
             "Input partitions assigned",
@@ -145,6 +157,7 @@ impl Metrics {
             Box::new(record_latency.clone()),
             Box::new(commit_seconds.clone()),
             Box::new(restore_seconds.clone()),
+            Box::new(fetch_records.clone()),
             Box::new(assigned_partitions.clone()),
             Box::new(rebalances.clone()),
             Box::new(consumer_replaced.clone()),
@@ -162,6 +175,7 @@ impl Metrics {
             record_latency,
             commit_seconds,
             restore_seconds,
+            fetch_records,
             assigned_partitions,
             rebalances,
             consumer_replaced,

@@ -61,6 +61,16 @@ async fn n_records_in_exact_outputs_out() {
         text.contains("waterbear_stream_batch_latency_seconds_bucket"),
         "{text}"
     );
+    // The records were in the topic before the job started: they came in
+    // batches (`FetchQueue`), not one poll each.
+    let (fills, taken) = (
+        metrics.fetch_records.get_sample_count(),
+        metrics.fetch_records.get_sample_sum(),
+    );
+    assert!(
+        fills > 0 && taken / fills as f64 > 4.0,
+        "{taken} records in {fills} fills"
+    );
 }
 
 /// `batch.idle_ms`: a transaction is committed once no record has come for
