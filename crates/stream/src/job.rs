@@ -357,6 +357,38 @@ impl<T: Transform> Drop for GroupConsumer<T> {
     }
 }
 
+/// Closes (drops) a group consumer, waiting at most `wait` for it.
+/// rust-rdkafka's close polls until librdkafka says the consumer left the
+/// group, without a deadline; a close that began while the consumer was
+/// still joining its group was seen never to end (a job that got SIGTERM
+/// 10 ms after subscribing did not exit). Everything the job owes is
+/// committed before the close, so a close left behind loses nothing: the
+/// group drops the member after its session timeout, or at once when an
+/// instance with the same `group.instance.id` joins.
+fn close_bounded<T: Transform + 'static>(c: GroupConsumer<T>, wait: Duration) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let closing = std::thread::Builder::new()
+        .name("consumer-close".into())
+        .spawn(move || {
+            drop(c);
+            let _ = tx.send(());
+        });
+    if closing.is_err() {
+        // The consumer went down with the closure: closed on this thread.
+        warn!("no thread for the consumer's close; it was closed without a deadline");
+        return;
+    }
+    if rx.recv_timeout(wait).is_err() {
+        warn!(
+            ?wait,
+            "the consumer's close did not finish; leaving it behind (nothing is owed: the last transaction is committed)"
+        );
+    }
+}
+
+/// How long [`close_bounded`] waits for a consumer's close.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
 /// Records taken from the consumer in one call (see [`FetchQueue`]).
 const FETCH_BATCH: usize = 1024;
 
@@ -1073,7 +1105,7 @@ impl<T: Transform + 'static> Job<T> {
             inner.summary.clone()
         };
         info!(?summary, "stopped");
-        drop(self.consumer);
+        close_bounded(self.consumer, CLOSE_WAIT);
         Ok(summary)
     }
 
@@ -1164,9 +1196,9 @@ impl<T: Transform + 'static> Job<T> {
             inner.needs_rewind = false;
         }
         let consumer = GroupConsumer::new(&shared)?;
-        // The old client is dropped (closed) without holding the lock: its
-        // close may run the revoke callback.
-        drop(std::mem::replace(&mut self.consumer, consumer));
+        // The old client is closed without holding the lock: its close may
+        // run the revoke callback.
+        close_bounded(std::mem::replace(&mut self.consumer, consumer), CLOSE_WAIT);
         let now = Instant::now();
         self.watch.last_record = now;
         self.watch.last_check = now;
