@@ -23,6 +23,57 @@ fn now_ms() -> i64 {
 /// What one partition handed out: (offset, key, value, timestamp).
 type Seen = BTreeMap<i32, Vec<(i64, Vec<u8>, Vec<u8>, Option<i64>)>>;
 
+/// Reads until `n` records came: the consumer queue without waiting, then
+/// one fill of `q` (routing `routed` again every 250 ms, as the job does).
+/// Returns what came each way and the largest fill.
+fn read(
+    c: &BaseConsumer,
+    q: &mut FetchQueue,
+    topic: &str,
+    routed: &[i32],
+    n: usize,
+) -> (Seen, Seen, usize) {
+    let (mut batched, mut polled) = (Seen::new(), Seen::new());
+    let mut largest = 0;
+    let total = |s: &Seen| s.values().map(Vec::len).sum::<usize>();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last_route = Instant::now();
+    while total(&batched) + total(&polled) < n {
+        assert!(
+            Instant::now() < deadline,
+            "{} batched and {} polled of {n}",
+            total(&batched),
+            total(&polled)
+        );
+        if last_route.elapsed() >= Duration::from_millis(250) {
+            q.route(c, topic, routed);
+            last_route = Instant::now();
+        }
+        while let Some(m) = c.poll(Duration::ZERO) {
+            let m = m.expect("no consumer error");
+            polled.entry(m.partition()).or_default().push((
+                m.offset(),
+                m.key().unwrap().to_vec(),
+                m.payload().unwrap().to_vec(),
+                m.timestamp().to_millis(),
+            ));
+        }
+        let got = q.fill(Duration::from_millis(10));
+        assert_eq!(q.messages().count(), got);
+        largest = largest.max(got);
+        for m in q.messages() {
+            let r = m.record().expect("no consumer error");
+            batched.entry(r.partition).or_default().push((
+                r.offset,
+                r.key.unwrap().to_vec(),
+                r.payload.to_vec(),
+                r.timestamp_ms,
+            ));
+        }
+    }
+    (batched, polled, largest)
+}
+
 /// Records of routed partitions come out of `fill` in batches of at most the
 /// capacity; a partition that is not routed keeps coming out of `poll`.
 /// Every record comes once, in offset order, with its key, value and
@@ -57,40 +108,11 @@ fn the_fetch_queue_hands_out_every_record_once_in_order_and_in_batches() {
     let mut q = FetchQueue::new(&c, cap);
     assert_eq!(q.route(&c, &names.telemetry, &[0, 1]), Vec::<i32>::new());
 
-    let (mut batched, mut polled) = (Seen::new(), Seen::new());
-    let mut largest = 0;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let total = |s: &Seen| s.values().map(Vec::len).sum::<usize>();
-    while total(&batched) + total(&polled) < n {
-        assert!(
-            Instant::now() < deadline,
-            "{} batched and {} polled of {n}",
-            total(&batched),
-            total(&polled)
-        );
-        while let Some(m) = c.poll(Duration::ZERO) {
-            let m = m.expect("no consumer error");
-            polled.entry(m.partition()).or_default().push((
-                m.offset(),
-                m.key().unwrap().to_vec(),
-                m.payload().unwrap().to_vec(),
-                m.timestamp().to_millis(),
-            ));
-        }
-        let got = q.fill(Duration::from_millis(10));
-        assert!(got <= cap, "{got} records in one fill of capacity {cap}");
-        assert_eq!(q.messages().count(), got);
-        largest = largest.max(got);
-        for m in q.messages() {
-            let r = m.record().expect("no consumer error");
-            batched.entry(r.partition).or_default().push((
-                r.offset,
-                r.key.unwrap().to_vec(),
-                r.payload.to_vec(),
-                r.timestamp_ms,
-            ));
-        }
-    }
+    let (batched, polled, largest) = read(&c, &mut q, &names.telemetry, &[0, 1], n);
+    assert!(
+        largest <= cap,
+        "{largest} records in one fill of capacity {cap}"
+    );
     assert_eq!(batched.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
     assert_eq!(polled.keys().copied().collect::<Vec<_>>(), vec![2]);
     assert!(largest > 1, "records came one at a time");
@@ -118,8 +140,8 @@ fn the_fetch_queue_hands_out_every_record_once_in_order_and_in_batches() {
     assert_eq!(seen, sent, "every record's key and value, once");
 
     // Assigned again after an unassign, as after a rebalance: routed before
-    // the assign (and again every 250 ms, as the job does, in case a
-    // fetcher's stop completes late and ends the routing), the routed
+    // the assign (and again every 250 ms in `read`, as the job does, in case
+    // a fetcher's stop completes late and ends the routing), the routed
     // partitions' new records come out of `fill` again, from where the
     // first round ended.
     c.unassign().unwrap();
@@ -134,41 +156,7 @@ fn the_fetch_queue_hands_out_every_record_once_in_order_and_in_batches() {
     }
     assert_eq!(q.route(&c, &names.telemetry, &[0, 1]), Vec::<i32>::new());
     c.assign(&tpl).unwrap();
-    let (mut batched2, mut polled2) = (Seen::new(), Seen::new());
-    let mut routed = Instant::now();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while total(&batched2) + total(&polled2) < more.len() {
-        assert!(
-            Instant::now() < deadline,
-            "after the second assign: {} batched and {} polled of {}",
-            total(&batched2),
-            total(&polled2),
-            more.len()
-        );
-        if routed.elapsed() >= Duration::from_millis(250) {
-            q.route(&c, &names.telemetry, &[0, 1]);
-            routed = Instant::now();
-        }
-        while let Some(m) = c.poll(Duration::ZERO) {
-            let m = m.expect("no consumer error");
-            polled2.entry(m.partition()).or_default().push((
-                m.offset(),
-                m.key().unwrap().to_vec(),
-                m.payload().unwrap().to_vec(),
-                None,
-            ));
-        }
-        q.fill(Duration::from_millis(10));
-        for m in q.messages() {
-            let r = m.record().expect("no consumer error");
-            batched2.entry(r.partition).or_default().push((
-                r.offset,
-                r.key.unwrap().to_vec(),
-                r.payload.to_vec(),
-                None,
-            ));
-        }
-    }
+    let (batched2, polled2, _) = read(&c, &mut q, &names.telemetry, &[0, 1], more.len());
     assert!(
         polled2.keys().all(|&p| p == 2),
         "only partition 2 is polled"
