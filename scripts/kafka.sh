@@ -19,6 +19,8 @@
 #   WATERBEAR_CACHE   jar cache root (default ~/.cache/waterbear); jars go to
 #                     $WATERBEAR_CACHE/kafka-$KAFKA_VERSION/libs
 #   KAFKA_HEAP_OPTS   JVM heap (default -Xmx512m -Xms128m)
+#   KAFKA_JVM_OPTS    more JVM options for the broker (default none), e.g.
+#                     -XX:-UseCodeCacheFlushing for benchmarks (docs/benchmarks-stream.md)
 #   KAFKA_START_TIMEOUT  seconds to wait for readiness (default 120)
 #
 # Jars come from Maven Central through Maven (mvn) only; nothing is downloaded
@@ -30,6 +32,7 @@ CACHE_ROOT="${WATERBEAR_CACHE:-$HOME/.cache/waterbear}"
 KAFKA_HOME="$CACHE_ROOT/kafka-$KAFKA_VERSION"
 LIBS="$KAFKA_HOME/libs"
 HEAP="${KAFKA_HEAP_OPTS:--Xmx512m -Xms128m}"
+JVM_OPTS="${KAFKA_JVM_OPTS:-}"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-120}"
 
 log() { echo "kafka.sh: $*" >&2; }
@@ -211,7 +214,7 @@ wait_ready() {
 
 launch() {
     # shellcheck disable=SC2086
-    nohup java $HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
+    nohup java $HEAP -XX:+UseG1GC -XX:MaxGCPauseMillis=20 $JVM_OPTS -Djava.awt.headless=true \
         -Dlog4j2.configurationFile="$RUN_DIR/log4j2.properties" \
         -cp "$LIBS/*" kafka.Kafka "$PROPS" >>"$LOG_FILE" 2>&1 </dev/null &
     echo $! >"$PID_FILE"
