@@ -258,7 +258,7 @@ mod tests {
             ts,
             score,
             sig: Signature::Disk,
-            reasons: Vec::new(),
+            reasons: Default::default(),
         };
         let mut all = Vec::new();
         for t in 0..200i64 {
@@ -331,7 +331,7 @@ mod tests {
             ts: 0,
             score: 0.1,
             sig: Signature::None,
-            reasons: Vec::new(),
+            reasons: Default::default(),
         });
         let good: &'static [u8] = Box::leak(w.finish("c", "m").into_boxed_slice());
         let out = d.process(&rec(b"other", good));
