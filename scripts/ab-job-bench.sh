@@ -9,6 +9,10 @@
 # (default 4) pairs A,B / B,A / ...; WARMUP (default 2) runs of A first, not
 # reported: a fresh broker's JIT is still compiling (docs/benchmarks-stream.md).
 # Needs KAFKA_BOOTSTRAP (and KAFKA_RUN_DIR or KAFKA_PID for the broker's CPU).
+# Start the broker with KAFKA_JVM_OPTS=-XX:-UseCodeCacheFlushing: otherwise the
+# JVM drops its compiled transaction code between runs and compiles it again
+# in every end-to-end phase (docs/benchmarks-stream.md, sixteenth measurement):
+#   KAFKA_JVM_OPTS=-XX:-UseCodeCacheFlushing KAFKA_PORT=19500 KAFKA_RUN_DIR=/tmp/wbk scripts/kafka.sh start
 # Prints each run's summary lines; full logs go to $AB_LOG_DIR (default a temp dir).
 set -euo pipefail
 

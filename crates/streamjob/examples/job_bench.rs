@@ -433,6 +433,19 @@ async fn main() {
             steady / high
         );
     }
+    // Replayed work shows here: an aborted transaction's records are read
+    // and scored again, so a run with aborts or a late rebalance costs more
+    // CPU a record than one without.
+    let txns = |m: &Metrics, r: &str| m.transactions.with_label_values(&[r]).get();
+    println!(
+        "transactions: scorer {} committed, {} aborted, {} rebalances; decider {} committed, {} aborted, {} rebalances",
+        txns(&sm, "committed"),
+        txns(&sm, "aborted"),
+        sm.rebalances.get(),
+        txns(&dm, "committed"),
+        txns(&dm, "aborted"),
+        dm.rebalances.get()
+    );
     if let Some(t2) = scored {
         println!(
             "scorer done {:.2}s after start, decider {:.2}s after the scorer",
