@@ -253,7 +253,9 @@ impl Reader for Bytes<'_> {
 
     #[inline]
     fn consume(&mut self, n: usize) {
-        self.0 = self.0.get(n..).unwrap_or_default();
+        // bincode consumes only what `peek_read` returned; past the end
+        // would leave nothing to read
+        self.0 = &self.0[n.min(self.0.len())..];
     }
 }
 
