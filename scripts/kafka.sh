@@ -140,6 +140,12 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
 log.segment.bytes=104857600
+# Each partition's offset and time indexes are sparse files of this size,
+# mapped into memory. The first write faults in a page and the kernel reads
+# ahead around it; on a disk with a large readahead (8 MiB here) that zeroes
+# most of a 10 MiB default index, twice per new partition or segment. A
+# 100 MiB segment needs ~200 KiB of offset index and ~300 KiB of time index.
+log.index.size.max.bytes=1048576
 log.retention.hours=24
 num.network.threads=2
 num.io.threads=4
