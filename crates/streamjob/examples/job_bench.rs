@@ -329,8 +329,18 @@ async fn wait_assigned(m: &[&Metrics], parts: i64) {
     }
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // As `waterbear stream` does, before any thread starts: librdkafka's
+    // buffers stay mapped (waterbear_stream::keep_c_heap_mapped).
+    assert!(waterbear_stream::keep_c_heap_mapped(), "mallopt refused");
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(bench());
+}
+
+async fn bench() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

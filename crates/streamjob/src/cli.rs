@@ -97,6 +97,12 @@ pub enum CliError {
 
 /// Runs the job until SIGTERM/SIGINT.
 pub fn stream(args: StreamArgs) -> Result<(), CliError> {
+    // Before the runtime and librdkafka start their threads.
+    if !waterbear_stream::keep_c_heap_mapped() {
+        tracing::warn!(
+            "could not tune the C allocator: librdkafka's buffers may fault in fresh pages"
+        );
+    }
     let mut cfg = JobConfig::load(&args.config, args.instance_id.as_deref())?;
     if let Some(m) = &args.model {
         cfg = cfg.with_model(m, "--model")?;
