@@ -187,12 +187,9 @@ fn percentile(sorted: &[u64], q: f64) -> f64 {
 }
 
 fn main() {
-    // As `waterbear stream` does, before any thread starts: librdkafka's
-    // buffers stay mapped (waterbear_stream::keep_c_heap_mapped).
-    assert!(waterbear_stream::keep_c_heap_mapped(), "mallopt refused");
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    // As `waterbear stream` does: librdkafka's buffers stay mapped
+    // (waterbear_stream::keep_c_heap_mapped), in the ceiling passes too.
+    waterbear_stream::job_runtime(true)
         .expect("tokio runtime")
         .block_on(bench());
 }

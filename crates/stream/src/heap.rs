@@ -31,6 +31,22 @@ pub fn keep_c_heap_mapped() -> bool {
     imp::keep_c_heap_mapped()
 }
 
+/// The multi-threaded tokio runtime of a Kafka job, built after
+/// [`keep_c_heap_mapped`] when `keep_c_heap` is set, so the setting comes
+/// before any of the runtime's or librdkafka's threads. Call it from the
+/// main thread before starting others. A setting glibc refuses is logged,
+/// not fatal: the job runs either way.
+pub fn job_runtime(keep_c_heap: bool) -> std::io::Result<tokio::runtime::Runtime> {
+    if keep_c_heap && !keep_c_heap_mapped() {
+        tracing::warn!(
+            "could not tune the C allocator: librdkafka's buffers may fault in fresh pages"
+        );
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod imp {
     use super::{C_HEAP_MMAP_THRESHOLD, C_HEAP_TRIM_THRESHOLD};

@@ -25,7 +25,7 @@ pub mod transform;
 pub use admin::ensure_topics;
 pub use config::{ConfigError, JOB_SECTIONS, StreamConfig, StreamParams};
 pub use fetch::{FetchQueue, Fetched};
-pub use heap::{C_HEAP_MMAP_THRESHOLD, C_HEAP_TRIM_THRESHOLD, keep_c_heap_mapped};
+pub use heap::{C_HEAP_MMAP_THRESHOLD, C_HEAP_TRIM_THRESHOLD, job_runtime, keep_c_heap_mapped};
 pub use job::{
     FETCH_QUEUE_BACKOFF_MS, RunSummary, StreamError, consumer_config, run, run_with_metrics,
     shutdown_signal,

@@ -97,20 +97,12 @@ pub enum CliError {
 
 /// Runs the job until SIGTERM/SIGINT.
 pub fn stream(args: StreamArgs) -> Result<(), CliError> {
-    // Before the runtime and librdkafka start their threads.
-    if !waterbear_stream::keep_c_heap_mapped() {
-        tracing::warn!(
-            "could not tune the C allocator: librdkafka's buffers may fault in fresh pages"
-        );
-    }
     let mut cfg = JobConfig::load(&args.config, args.instance_id.as_deref())?;
     if let Some(m) = &args.model {
         cfg = cfg.with_model(m, "--model")?;
     }
     tracing::info!(detector = %cfg.model_label(), "scoring with");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = waterbear_stream::job_runtime(cfg.job.keep_c_heap_mapped)?;
     rt.block_on(async {
         // Install the handlers now (not on the first poll of a future), so a
         // SIGTERM right after start-up still means "finish and commit".
