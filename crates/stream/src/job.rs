@@ -1283,8 +1283,8 @@ impl<T: Transform + 'static> Job<T> {
         };
         let producer = inner.producer.as_ref().expect("producer present");
         let (mut alerts, mut dlq, mut other) = (0u64, 0u64, 0u64);
-        for o in &outputs {
-            let sent_as = match produce_output(producer, p, Some(rec), o) {
+        for o in outputs {
+            let sent_as = match produce_output(producer, p, Some(rec), &o) {
                 Ok(()) => o.topic.clone(),
                 // A record the client refuses outright (too large, unknown
                 // topic) would fail every replay: dead-letter the input
@@ -1308,6 +1308,8 @@ impl<T: Transform + 'static> Job<T> {
                 Topic::Dlq => dlq += 1,
                 Topic::Named(_) => other += 1,
             }
+            // The producer copied the payload.
+            inner.transform.recycle(o.payload);
         }
         let b = &mut inner.batch;
         b.alerts += alerts;
@@ -1345,14 +1347,15 @@ impl<T: Transform + 'static> Job<T> {
                 }
             };
             let producer = inner.producer.as_ref().expect("producer present");
-            for o in &flushed {
-                produce_output(producer, p, None, o)?;
+            for o in flushed {
+                produce_output(producer, p, None, &o)?;
                 let b = &mut inner.batch;
                 match o.topic {
                     Topic::Alerts => b.alerts += 1,
                     Topic::Dlq => b.dlq += 1,
                     Topic::Named(_) => b.other += 1,
                 }
+                inner.transform.recycle(o.payload);
             }
             let dirty = std::mem::take(&mut inner.batch.dirty);
             for (part, keys) in &dirty {

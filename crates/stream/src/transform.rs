@@ -97,6 +97,14 @@ pub trait Transform: Send {
         Vec::new()
     }
 
+    /// Takes back the payload buffer of an output of [`Transform::process`] or
+    /// [`Transform::flush`] once the producer has copied it, so a transform
+    /// that writes large outputs can fill the same memory again instead of
+    /// asking the allocator for fresh pages. The default drops it.
+    fn recycle(&mut self, payload: Vec<u8>) {
+        drop(payload);
+    }
+
     /// Serialised state of `key` (a record key seen since the last commit),
     /// or `None` when the key has nothing to persist. Stateless transforms
     /// keep the default.

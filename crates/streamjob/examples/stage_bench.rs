@@ -197,6 +197,12 @@ fn pass(cfg: &JobConfig, warm: &[Encoded], timed: &[Encoded], txn_records: usize
             }));
         }
         t.decide += t0.elapsed();
+        // As the stream loop: sent payloads go back to the scorer.
+        let t0 = Instant::now();
+        for o in batches {
+            scorer.recycle(o.payload);
+        }
+        t.flush += t0.elapsed();
         let t0 = Instant::now();
         for k in dirty_clusters.drain() {
             std::hint::black_box(decider.state(&k));

@@ -152,14 +152,38 @@ impl ScoreBatchWriter {
 
     /// The record payload of the scores pushed so far; the writer is empty after.
     pub fn finish(&mut self, cluster: &str, model: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.body.len() + cluster.len() + model.len() + 16);
+        let mut out = Vec::new();
+        self.finish_into(cluster, model, &mut out);
+        out
+    }
+
+    /// [`ScoreBatchWriter::finish`] into `out` (cleared first), reusing its
+    /// memory. The writer keeps its own buffer's capacity for the next batch.
+    pub fn finish_into(&mut self, cluster: &str, model: &str, out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(self.body.len() + cluster.len() + model.len() + 16);
         out.extend_from_slice(&SCORE_BATCH_MAGIC);
         out.extend_from_slice(&SCORE_BATCH_VERSION.to_le_bytes());
-        bincode::serde::encode_into_std_write((cluster, model, self.count), &mut out, cfg())
+        bincode::serde::encode_into_std_write((cluster, model, self.count), &mut *out, cfg())
             .expect("encoding into a Vec cannot fail");
-        out.append(&mut self.body);
+        out.extend_from_slice(&self.body);
+        self.body.clear();
         self.count = 0;
-        out
+    }
+
+    /// An empty writer that writes into `buf` (cleared first).
+    pub fn with_buffer(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        Self {
+            body: buf,
+            count: 0,
+        }
+    }
+
+    /// The writer's buffer, for another writer (see
+    /// [`ScoreBatchWriter::with_buffer`]).
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.body
     }
 }
 
@@ -174,9 +198,30 @@ impl bincode::enc::write::Writer for VecOut<'_> {
     }
 }
 
+/// The memory of an emptied score vector, for scores that borrow from another
+/// record. Safe code: std collects a `vec::IntoIter` mapped to a type of the
+/// same layout into the same allocation (a test checks that it still does; if
+/// it did not, this would only allocate).
+fn relabel<'b, 'c>(mut v: Vec<HostScore<'b>>) -> Vec<HostScore<'c>> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector is empty"))
+        .collect()
+}
+
 impl<'a> ScoreBatch<'a> {
     /// Decodes and checks a scores-topic record.
     pub fn decode(payload: &'a [u8]) -> Result<Self, ScoreBatchError> {
+        Self::decode_reusing(payload, Vec::new())
+    }
+
+    /// [`ScoreBatch::decode`] into the memory of `buf` (from
+    /// [`ScoreBatch::into_buffer`]): a batch of 2,000 scores is ~300 KiB, and
+    /// a fresh vector for each came from fresh pages the kernel had to zero.
+    pub fn decode_reusing(
+        payload: &'a [u8],
+        buf: Vec<HostScore<'static>>,
+    ) -> Result<Self, ScoreBatchError> {
         if payload.len() > SCORE_BATCH_MAX_BYTES {
             return Err(ScoreBatchError::TooLarge(payload.len()));
         }
@@ -207,7 +252,8 @@ impl<'a> ScoreBatch<'a> {
                 message: format!("count {count} does not fit in {} bytes", rest.len()),
             });
         }
-        let mut scores = Vec::with_capacity(count as usize);
+        let mut scores = relabel(buf);
+        scores.reserve(count as usize);
         let mut d = DecoderImpl::new(Bytes(rest), cfg(), ());
         for i in 0..count {
             let s = read_score(&mut d).map_err(|e| body(format!("score {i}"), e))?;
@@ -226,6 +272,11 @@ impl<'a> ScoreBatch<'a> {
             model,
             scores,
         })
+    }
+
+    /// The scores' memory, emptied, for [`ScoreBatch::decode_reusing`].
+    pub fn into_buffer(self) -> Vec<HostScore<'static>> {
+        relabel(self.scores)
     }
 }
 
@@ -447,6 +498,54 @@ mod tests {
             let _ = ScoreBatch::decode(&bytes);
             let _ = ScoreBatch::decode(&framed);
         }
+    }
+
+    #[test]
+    fn decoding_reuses_the_last_batchs_memory_with_the_same_result() {
+        let hosts: Vec<String> = (0..300).map(|i| format!("h{i}")).collect();
+        let mut w = ScoreBatchWriter::default();
+        let mut out = Vec::new();
+        let mut payloads = Vec::new();
+        for round in 0..3 {
+            for (i, h) in hosts.iter().enumerate().skip(round * 50) {
+                w.push(&score(h, "r1", i as i64, 0.001 * i as f64, i % 4));
+            }
+            // The writer's buffer and the payload buffer are both reused.
+            let (body_before, out_before) = (w.body.as_ptr(), out.as_ptr());
+            w.finish_into("c1", "m", &mut out);
+            if round > 0 {
+                assert_eq!(out.as_ptr(), out_before, "payload buffer reused");
+                assert_eq!(w.body.as_ptr(), body_before, "writer buffer kept");
+            }
+            assert_eq!(out, w_finish_fresh(&hosts, round));
+            payloads.push(out.clone());
+        }
+        let mut buf: Vec<HostScore<'static>> = Vec::new();
+        let mut last_ptr = None;
+        for p in &payloads {
+            let b = ScoreBatch::decode_reusing(p, buf).unwrap();
+            assert_eq!(b, ScoreBatch::decode(p).unwrap());
+            if let Some(ptr) = last_ptr {
+                assert_eq!(b.scores.as_ptr() as usize, ptr, "score vector reused");
+            }
+            last_ptr = Some(b.scores.as_ptr() as usize);
+            buf = b.into_buffer();
+            // the batches shrink (300, 250, 200 scores): the first one's memory stays
+            assert!(
+                buf.is_empty() && buf.capacity() >= 300,
+                "{}",
+                buf.capacity()
+            );
+        }
+    }
+
+    /// What `finish` writes for round `round` of the test above, from a new writer.
+    fn w_finish_fresh(hosts: &[String], round: usize) -> Vec<u8> {
+        let mut w = ScoreBatchWriter::default();
+        for (i, h) in hosts.iter().enumerate().skip(round * 50) {
+            w.push(&score(h, "r1", i as i64, 0.001 * i as f64, i % 4));
+        }
+        w.finish("c1", "m")
     }
 
     #[test]

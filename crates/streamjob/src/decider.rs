@@ -80,6 +80,8 @@ pub struct Decider {
     params: PolicyParams,
     clusters: FastMap<Vec<u8>, ClusterSlot>,
     decisions: u64,
+    /// The memory of the last batch's scores, for the next batch.
+    scores: Vec<HostScore<'static>>,
 }
 
 impl Decider {
@@ -89,6 +91,7 @@ impl Decider {
             params,
             clusters: FastMap::default(),
             decisions: 0,
+            scores: Vec::new(),
         }
     }
 
@@ -143,7 +146,7 @@ fn dlq(r: &Record<'_>, kind: &str, message: String) -> Output {
 
 impl Transform for Decider {
     fn process(&mut self, r: &Record<'_>) -> Vec<Output> {
-        let b = match ScoreBatch::decode(r.payload) {
+        let b = match ScoreBatch::decode_reusing(r.payload, std::mem::take(&mut self.scores)) {
             Ok(b) => b,
             Err(e) => return vec![dlq(r, "bad_score_batch", e.to_string())],
         };
@@ -168,6 +171,7 @@ impl Transform for Decider {
             })
             .collect();
         self.decisions += out.len() as u64;
+        self.scores = b.into_buffer();
         out
     }
 
