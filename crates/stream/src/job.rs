@@ -271,6 +271,24 @@ struct Batch {
     dlq: u64,
 }
 
+impl Batch {
+    /// An empty batch that keeps the memory of `self`'s maps: each
+    /// partition's set of dirty keys grows to thousands of keys in every
+    /// transaction, and growing it from nothing again was ~1.5 % of the
+    /// job's CPU.
+    fn reset(mut self) -> Self {
+        self.offsets.clear();
+        for keys in self.dirty.values_mut() {
+            keys.clear();
+        }
+        Self {
+            offsets: self.offsets,
+            dirty: self.dirty,
+            ..Self::default()
+        }
+    }
+}
+
 struct Inner<T> {
     transform: T,
     producer: Option<TxnProducer>,
@@ -1357,6 +1375,7 @@ impl<T: Transform + 'static> Job<T> {
                 }
                 inner.transform.recycle(o.payload);
             }
+            // Put back below: its memory is kept for the next batch.
             let dirty = std::mem::take(&mut inner.batch.dirty);
             for (part, keys) in &dirty {
                 let mut keys = keys.iter().peekable();
@@ -1375,6 +1394,7 @@ impl<T: Transform + 'static> Job<T> {
                     }
                 }
             }
+            inner.batch.dirty = dirty;
             let mut tpl = TopicPartitionList::with_capacity(inner.batch.offsets.len());
             for (&part, &off) in &inner.batch.offsets {
                 tpl.add_partition_offset(&p.telemetry_topic, part, Offset::Offset(off))?;
@@ -1435,10 +1455,14 @@ impl<T: Transform + 'static> Job<T> {
                     m.record_latency
                         .observe((now_ms - ts).max(0) as f64 / 1000.0);
                 }
+                let records = b.records;
+                let out = b.alerts + b.dlq + b.other;
+                let dlq = b.dlq;
+                inner.batch = b.reset();
                 let s = &mut inner.summary;
-                s.records_in += b.records;
-                s.records_out += b.alerts + b.dlq + b.other;
-                s.dlq += b.dlq;
+                s.records_in += records;
+                s.records_out += out;
+                s.dlq += dlq;
                 s.committed += 1;
                 if s.committed == 1 {
                     // Start-up/recovery time: process start to first commit.
@@ -1447,7 +1471,7 @@ impl<T: Transform + 'static> Job<T> {
                         "first transaction committed"
                     );
                 }
-                debug!(records = b.records, "committed");
+                debug!(records, "committed");
             }
             Err(e) => {
                 warn!(error = %e, "commit failed");
@@ -1750,6 +1774,41 @@ mod tests {
             Some("true"),
             "[kafka.extra] wins"
         );
+    }
+
+    #[test]
+    fn a_reset_batch_is_empty_and_keeps_the_memory_of_its_key_sets() {
+        let mut b = Batch {
+            open: true,
+            started: Some(Instant::now()),
+            oldest_ts_ms: Some(5),
+            records: 3,
+            alerts: 1,
+            other: 1,
+            dlq: 1,
+            ..Batch::default()
+        };
+        b.offsets.insert(0, 10);
+        for i in 0..1000 {
+            b.dirty
+                .entry(i % 3)
+                .or_default()
+                .insert(SmallVec::from_slice(format!("h{i}").as_bytes()));
+        }
+        let capacity = |b: &Batch| {
+            let mut c: Vec<(i32, usize)> =
+                b.dirty.iter().map(|(&p, k)| (p, k.capacity())).collect();
+            c.sort_unstable();
+            c
+        };
+        let before = capacity(&b);
+        let b = b.reset();
+        assert!(!b.open && b.started.is_none() && b.oldest_ts_ms.is_none());
+        assert_eq!((b.records, b.alerts, b.other, b.dlq), (0, 0, 0, 0));
+        assert!(b.offsets.is_empty());
+        assert!(b.dirty.values().all(|k| k.is_empty()), "no key left dirty");
+        assert_eq!(capacity(&b), before);
+        assert!(before.iter().all(|&(_, c)| c >= 333));
     }
 
     #[test]
