@@ -403,7 +403,7 @@ mod tests {
     fn the_shipped_file_runs_two_scorer_loops_and_stream_echo_reads_it_too() {
         let c = load("").unwrap();
         assert_eq!(c.job.scorer_loops, 2);
-        assert_eq!(c.params.batch_max_records, 50_000);
+        assert_eq!(c.params.batch_max_records, 100_000);
         // stream-echo's view: the job's sections skipped, the rest checked
         let s = StreamConfig::from_toml_str_skipping(
             SHIPPED,
@@ -411,7 +411,7 @@ mod tests {
             waterbear_stream::JOB_SECTIONS,
         )
         .unwrap();
-        assert_eq!(s.batch.max_records, 50_000);
+        assert_eq!(s.batch.max_records, 100_000);
         // without skipping, [job] is an unknown field of the Kafka config
         let e = StreamConfig::from_toml_str(SHIPPED, "streaming.toml").unwrap_err();
         assert!(e.to_string().contains("job"), "{e}");
